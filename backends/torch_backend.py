@@ -1,0 +1,213 @@
+"""PyTorch autograd adapter for the backend seam.
+
+One forward pass per call with the objective computed on its output, then one torch.autograd.grad
+call whose inputs are exactly what was asked for: autograd then only walks the part of the graph
+between the objective and those tensors, so Grad-CAM never differentiates below its layer.
+Parameters are switched to requires_grad=False for the duration of a call, so no parameter
+gradient is ever computed and the forward pass saves no tensors that only weight gradients need.
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from multisal.backend import Backend, Result
+from multisal.errors import MultisalError
+from multisal.objectives import ARGMAX, Region, check_target_range
+
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of activations one call may hold (forward + backward)
+
+
+def _parse_bytes(budget) -> int:
+    if isinstance(budget, (int, float)):
+        return int(budget)
+    text = str(budget).strip().upper().replace("IB", "B")
+    for suffix, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if text.endswith(suffix):
+            try:
+                return int(float(text[: -len(suffix)]) * scale)
+            except ValueError:
+                break
+    raise MultisalError(f"memory_budget {budget!r} is not a size: expected bytes or a string like '2GiB'")
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MultisalError(f"device {device!r} is not a torch device: expected 'cpu', 'cuda', 'cuda:0' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MultisalError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, device="cpu", memory_budget=DEFAULT_MEMORY_BUDGET, preset=None):
+        if not isinstance(model, torch.nn.Module):
+            raise MultisalError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.memory_budget = _parse_bytes(memory_budget)
+        self.preset = preset
+        self._modules = dict(self.model.named_modules())
+        self._bytes_per_sample = {}
+        self._default_layer = {}
+
+    # ---- layers -------------------------------------------------------------------------------
+    def layer_names(self):
+        return [name for name in self._modules if name]
+
+    def _module(self, name):
+        if name not in self._modules or not name:
+            close = difflib.get_close_matches(str(name), self.layer_names(), n=5, cutoff=0.4)
+            hint = f"closest: {', '.join(close)}" if close else "see backend.layer_names()"
+            raise MultisalError(f"unknown layer {name!r} in {type(self.model).__name__}: {hint}")
+        return self._modules[name]
+
+    def _trace(self, sample_shape):
+        """One forward pass on a single zero input, recording every module's output in order."""
+        seen = []
+        handles = []
+
+        def record(name):
+            def hook(_module, _inputs, output):
+                if isinstance(output, torch.Tensor):
+                    seen.append((name, output))
+            return hook
+
+        for name, module in self._modules.items():
+            if name:
+                handles.append(module.register_forward_hook(record(name)))
+        try:
+            with torch.no_grad():
+                out = self.model(torch.zeros((1, *sample_shape), device=self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return seen, out
+
+    def default_layer(self, sample_shape):
+        key = tuple(sample_shape)
+        if key not in self._default_layer:
+            seen, _ = self._trace(key)
+            # A container returns its last child's tensor: keep the first (innermost) name per tensor.
+            first_name = {}
+            for name, t in seen:
+                first_name.setdefault(id(t), name)
+            candidates = [first_name[id(t)] for _, t in seen if t.dim() == 4 and t.shape[2] * t.shape[3] > 1]
+            if not candidates:
+                raise MultisalError(f"{type(self.model).__name__} has no 4-D activation with spatial size > 1: name a layer")
+            self._default_layer[key] = candidates[-1]
+        return self._default_layer[key]
+
+    # ---- memory budget ------------------------------------------------------------------------
+    def batch_size(self, sample_shape):
+        key = tuple(sample_shape)
+        if key not in self._bytes_per_sample:
+            seen, _ = self._trace(key)
+            # Forward keeps roughly every activation for backward; backward holds about as much again.
+            total = sum(t.numel() * t.element_size() for _, t in seen)
+            self._bytes_per_sample[key] = max(1, 2 * total)
+        return max(1, min(256, self.memory_budget // self._bytes_per_sample[key]))
+
+    # ---- the seam -----------------------------------------------------------------------------
+    @contextmanager
+    def _no_parameter_grads(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def _run(self, x, objective, target, layers, input_grad):
+        captured = {}
+        handles = []
+
+        def capture(name):
+            def hook(_module, _inputs, output):
+                if not isinstance(output, torch.Tensor):
+                    raise MultisalError(f"layer {name!r} returns {type(output).__name__}, not a tensor")
+                if want_grad and not output.requires_grad:
+                    # Nothing upstream needs a gradient (no input gradient asked): start the graph
+                    # here, so backward stops at this layer.
+                    output = output.detach().requires_grad_(True)
+                captured[name] = output
+                # Hand a copy downstream so an in-place op after this layer cannot alter (or break the
+                # autograd history of) the activation we report.
+                return output.clone()
+            return hook
+
+        want_grad = objective is not None and bool(input_grad or layers)
+        for name in layers:
+            handles.append(self._module(name).register_forward_hook(capture(name)))
+        try:
+            with self._no_parameter_grads(), torch.set_grad_enabled(want_grad):
+                xt = torch.from_numpy(x).to(self.device)
+                if want_grad and input_grad:
+                    xt.requires_grad_(True)
+                out = self.model(xt)
+                if not isinstance(out, torch.Tensor):
+                    raise MultisalError(f"{type(self.model).__name__} returns {type(out).__name__}; "
+                                        "the torch backend needs a model whose output is one tensor")
+                missing = [n for n in layers if n not in captured]
+                if missing:
+                    raise MultisalError(f"layer {missing[0]!r} did not run in the forward pass")
+                result = Result(outputs=out.detach().cpu().numpy())
+                result.activations = {n: a.detach().cpu().numpy() for n, a in captured.items()}
+                if objective is None:
+                    return result
+                value, result.target = _objective(out, objective, target)
+                if not want_grad:
+                    return result
+                wrt = ([xt] if input_grad else []) + [captured[n] for n in layers]
+                if not all(t.requires_grad for t in wrt):
+                    raise MultisalError("the objective does not depend on the requested layer or input")
+                grads = torch.autograd.grad(value, wrt)
+        finally:
+            for h in handles:
+                h.remove()
+        if input_grad:
+            result.input_grad = grads[0].cpu().numpy()
+            grads = grads[1:]
+        result.gradients = {n: g.cpu().numpy() for n, g in zip(layers, grads)}
+        return result
+
+
+def _objective(out, objective, target):
+    """Sum over the batch of each sample's objective (samples stay independent in eval mode)."""
+    if isinstance(target, Region):
+        w = torch.from_numpy(target.weights(tuple(out.shape))).to(out.device)
+        class_axis = 1 if out.dim() == 4 else -1
+        return (_scores(out, objective, class_axis) * w).sum(), None
+    if out.dim() != 2:
+        raise MultisalError(f"the model output has shape {tuple(out.shape)}; a class target needs (N, classes), "
+                            "use ms.region(channel, box=...) for dense outputs")
+    if isinstance(target, str) and target == ARGMAX:
+        idx = out.detach().argmax(1)
+    else:
+        check_target_range(target, out.shape[1])
+        idx = torch.from_numpy(np.asarray(target)).to(out.device)
+    value = _scores(out, objective, 1).gather(1, idx[:, None]).sum()
+    return value, idx.cpu().numpy()
+
+
+def _scores(out, objective, axis):
+    if objective == "logit":
+        return out
+    if objective == "softmax":
+        return torch.softmax(out, axis)
+    if objective == "log_softmax":
+        return torch.log_softmax(out, axis)
+    # chainer_prob_ce: the write-up feeds the softmax output `prob` to softmax_cross_entropy, so the
+    # softmax is applied twice; the loss (a negative log-probability) is what is differentiated.
+    return -torch.log_softmax(torch.softmax(out, axis), axis)

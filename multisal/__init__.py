@@ -1,0 +1,33 @@
+"""multisal: gradient saliency for PyTorch, ONNX and Chainer models, written once in NumPy.
+
+`import multisal` imports no framework; a backend imports its own when it is chosen.
+"""
+from .backend import Backend, Result, load_backend
+from .errors import MultisalError
+from .methods.cam import gradcam, gradcam_pp, smooth_gradcam_pp
+from .methods.class_visualization import class_visualization
+from .methods.fooling import fooling_image
+from .methods.integrated_gradients import integrated_gradients
+from .methods.segment import segment
+from .methods.smoothgrad import smoothgrad
+from .methods.vanilla import vanilla_gradient
+from .models.presets import Preset, get_preset
+from .objectives import OBJECTIVES, Region, region
+
+__version__ = "0.1.0"
+
+# The saliency methods by name, as the command line and configuration files refer to them.
+METHODS = {
+    "vanilla_gradient": vanilla_gradient,
+    "smoothgrad": smoothgrad,
+    "integrated_gradients": integrated_gradients,
+    "gradcam": gradcam,
+    "gradcam_pp": gradcam_pp,
+    "smooth_gradcam_pp": smooth_gradcam_pp,
+}
+
+__all__ = [
+    "Backend", "Result", "load_backend", "MultisalError", "get_preset", "Preset", "region", "Region",
+    "OBJECTIVES", "METHODS", "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam",
+    "gradcam_pp", "smooth_gradcam_pp", "fooling_image", "class_visualization", "segment",
+]

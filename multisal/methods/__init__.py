@@ -1,0 +1,1 @@
+"""One file per method, each written against the backend seam (multisal.backend)."""

@@ -1,0 +1,87 @@
+"""Noise streams for SmoothGrad and Smooth Grad-CAM++.
+
+Samples are numbered image-major (image 0's samples 1..n, then image 1's, ...) and drawn in that
+order, so results never depend on how the samples are chunked into batches.
+
+- "normal": numpy Generator(PCG64(seed)), float32 draws, added in float32.
+- "legacy": numpy.random.RandomState(seed).randn(1,C,H,W) per sample, float64, exactly what
+  `np.random.seed(seed)` followed by the Chainer write-up's loop draws; the sum is formed in float64
+  and cast to float32 as the write-up's `x += sigma * np.random.randn(...)` does.
+- an explicit array of shape (n,C,H,W) (the same noise for every image) or (N,n,C,H,W): the noise
+  itself, in model space, added as it is (sigma and noise_level are not used).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import MultisalError
+
+
+class NoiseStream:
+    def __init__(self, noise, x: np.ndarray, n: int, sigma: float, seed: int):
+        self.x = x
+        self.sigma = float(sigma)
+        if isinstance(noise, str):
+            if noise == "normal":
+                self._rng = np.random.Generator(np.random.PCG64(seed))
+            elif noise == "legacy":
+                self._rng = np.random.RandomState(seed)
+            else:
+                raise MultisalError(f"unknown noise {noise!r}: expected 'normal', 'legacy' or an array (n,C,H,W)")
+            self.kind, self.n, self._array = noise, int(n), None
+        else:
+            arr = np.asarray(noise)
+            if arr.ndim == 4 and arr.shape[1:] == x.shape[1:]:
+                arr = np.broadcast_to(arr, (len(x), *arr.shape))
+            if arr.ndim != 5 or arr.shape[0] != len(x) or arr.shape[2:] != x.shape[1:]:
+                raise MultisalError(f"noise array has shape {arr.shape}: expected (n,{','.join(map(str, x.shape[1:]))}) "
+                                    f"or ({len(x)},n,{','.join(map(str, x.shape[1:]))})")
+            self.kind, self.n, self._array = "array", arr.shape[1], arr
+        if self.n < 1:
+            raise MultisalError(f"n={n}: the number of noisy samples must be at least 1")
+
+    def take(self, start: int, stop: int) -> np.ndarray:
+        """Noisy inputs for flat sample numbers start..stop-1 (must be asked for in order)."""
+        images = np.arange(start, stop) // self.n
+        base = self.x[images]
+        if self.kind == "array":
+            samples = np.arange(start, stop) % self.n
+            return (base + self._array[images, samples]).astype(np.float32)
+        shape = (stop - start, *self.x.shape[1:])
+        if self.kind == "normal":
+            return base + self.sigma * self._rng.standard_normal(shape, dtype=np.float32)
+        draws = np.concatenate([self._rng.randn(1, *self.x.shape[1:]) for _ in range(stop - start)])
+        return (base.astype(np.float64) + self.sigma * draws).astype(np.float32)
+
+
+class _DefaultNoiseLevel(float):
+    """The default noise_level: a float that can be told apart from a value the caller passed."""
+
+
+DEFAULT_NOISE_LEVEL = _DefaultNoiseLevel(0.15)
+
+
+def resolve_sigma(noise_level, sigma, value_range, x: np.ndarray) -> float:
+    """sigma is absolute (model space); noise_level is relative to the preset's value range.
+
+    Without a preset the range is the input's own (x.max() - x.min()), the SmoothGrad paper's choice.
+    """
+    if sigma is not None:
+        if noise_level is not DEFAULT_NOISE_LEVEL:
+            raise MultisalError(f"give sigma or noise_level, not both (got sigma={sigma}, noise_level={noise_level})")
+        if not float(sigma) >= 0:
+            raise MultisalError(f"sigma={sigma} must be >= 0")
+        return float(sigma)
+    if not float(noise_level) >= 0:
+        raise MultisalError(f"noise_level={noise_level} must be >= 0")
+    width = (value_range[1] - value_range[0]) if value_range is not None else float(x.max() - x.min())
+    return float(noise_level) * width
+
+
+def value_range_of(be, preset):
+    """The value range noise_level refers to: the preset given, else the backend's, else None."""
+    preset = preset if preset is not None else getattr(be, "preset", None)
+    if preset is None:
+        return None
+    from multisal.models.presets import get_preset
+    return get_preset(preset).value_range
