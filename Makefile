@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m multisal.demo --out out/demo
+	$(VENV)/bin/multisal demo --out out/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
