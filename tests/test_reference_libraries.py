@@ -1,0 +1,318 @@
+"""Differential tests: multisal's torch backend against independent references on the same inputs.
+
+References are Captum, pytorch-grad-cam, torch-cam, and plain torch autograd with the papers'
+formulas written out here. "Agree" is DESIGN.md's numerical agreement (helpers.assert_agree);
+formulas evaluated on the same activations and gradients use tol=1e-5.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import multisal as ms
+from multisal.maps import resize_maps, scale_01
+from helpers import agreement, agrees, assert_agree
+
+LAYER = "features.4"          # the CAM layer: a conv with a ReLU after it, 16x16 at 32x32 input
+TARGETS = np.array([1, 4, 7])
+FORMULA = 1e-5
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+@pytest.fixture
+def be(model):
+    return ms.load_backend("torch", model=model, device="cpu")
+
+
+@pytest.fixture
+def x():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+
+
+def noise_array(n, shape, sigma, seed):
+    return (sigma * np.random.default_rng(seed).standard_normal((n, *shape))).astype(np.float32)
+
+
+# ---- plain torch references --------------------------------------------------------------------
+def torch_input_grad(model, x, target, objective="logit"):
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).requires_grad_(True)
+    out = model(xt)
+    scores = {"logit": out, "softmax": torch.softmax(out, 1), "log_softmax": torch.log_softmax(out, 1)}[objective]
+    value = scores.gather(1, torch.as_tensor(target).long()[:, None]).sum()
+    return torch.autograd.grad(value, xt)[0].numpy()
+
+
+def torch_layer(model, x, target, layer=LAYER):
+    """Activation A and d logit[target] / d A at `layer`, by a forward hook and autograd.grad."""
+    captured = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    finally:
+        handle.remove()
+    value = out.gather(1, torch.as_tensor(target).long()[:, None]).sum()
+    grad = torch.autograd.grad(value, captured[0])[0]
+    return captured[0].detach().numpy().astype(np.float64), grad.numpy().astype(np.float64)
+
+
+def paper_gradcam_pp(A, d1, d2, d3, filters=None, mask=None):
+    """Grad-CAM++ (Chattopadhay et al.) from derivatives or their noisy means, written out."""
+    S = A.sum(axis=(2, 3), keepdims=True)
+    alpha = np.zeros_like(d1)
+    nz = d1 != 0
+    alpha[nz] = d2[nz] / (2 * d2 + S * d3)[nz]
+    w = (alpha * np.maximum(d1, 0)).sum(axis=(2, 3))
+    if mask is not None:
+        A = A * mask
+    if filters is not None:
+        return np.maximum(w[:, filters, None, None] * A[:, filters], 0)
+    return np.maximum((w[:, :, None, None] * A).sum(axis=1), 0)
+
+
+def minmax(maps):
+    lo = maps.min(axis=(-2, -1), keepdims=True)
+    return (maps - lo) / (maps.max(axis=(-2, -1), keepdims=True) - lo)
+
+
+# ---- vanilla gradient ---------------------------------------------------------------------------
+def test_vanilla_gradient_matches_captum_saliency(model, be, x):
+    from captum.attr import Saliency
+    xt, tt = torch.from_numpy(x), torch.from_numpy(TARGETS)
+    raw = Saliency(model).attribute(xt, target=tt, abs=False).detach().numpy()
+    assert_agree(ms.vanilla_gradient(be, x, TARGETS, channel_reduce=None, abs=False), raw)
+    absmax = Saliency(model).attribute(xt, target=tt, abs=True).detach().numpy().max(axis=1)
+    assert_agree(ms.vanilla_gradient(be, x, TARGETS, channel_reduce="max", abs=True), absmax)
+
+
+@pytest.mark.parametrize("objective", ["softmax", "log_softmax"])
+def test_vanilla_gradient_objectives_match_autograd(model, be, x, objective):
+    expected = torch_input_grad(model, x, TARGETS, objective)
+    actual = ms.vanilla_gradient(be, x, TARGETS, objective=objective, channel_reduce=None, abs=False)
+    assert_agree(actual, expected)
+    assert not agrees(actual, torch_input_grad(model, x, TARGETS, "logit"))  # the objective matters
+
+
+# ---- integrated gradients -----------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["riemann_right", "gausslegendre"])
+@pytest.mark.parametrize("nonzero_baseline", [False, True])
+def test_integrated_gradients_matches_captum(model, be, x, method, nonzero_baseline):
+    from captum.attr import IntegratedGradients
+    baseline = noise_array(1, x.shape, 0.5, 3)[0] if nonzero_baseline else None
+    expected = IntegratedGradients(model).attribute(
+        torch.from_numpy(x), baselines=None if baseline is None else torch.from_numpy(baseline),
+        target=torch.from_numpy(TARGETS), n_steps=20, method=method).detach().numpy()
+    actual = ms.integrated_gradients(be, x, TARGETS, baseline=baseline, steps=20, method=method)
+    assert_agree(actual, expected)
+
+
+# ---- Grad-CAM -----------------------------------------------------------------------------------
+def test_gradcam_matches_captum_layer_gradcam(model, be, x):
+    from captum.attr import LayerGradCam
+    expected = LayerGradCam(model, model.features[4]).attribute(
+        torch.from_numpy(x), target=torch.from_numpy(TARGETS), relu_attributions=True)
+    assert expected.shape == (3, 1, 16, 16)
+    actual = ms.gradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(actual, expected.detach().numpy()[:, 0])
+
+
+def _pytorch_grad_cam_raw(cam_class, model, x, targets):
+    """pytorch-grad-cam's raw cam at layer resolution, rebuilt from its own hooks as BaseCAM does
+    (compute_cam_per_layer: get_cam_image, then np.maximum(cam, 0), before scale_cam_image)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    layer = model.features[4]
+    cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
+    xt = torch.from_numpy(x)
+    with cam_class(model=model, target_layers=[layer]) as cam:
+        cam(input_tensor=xt, targets=cam_targets)
+        acts = cam.activations_and_grads.activations[0].numpy()
+        grads = cam.activations_and_grads.gradients[0].numpy()
+        return np.maximum(cam.get_cam_image(xt, layer, cam_targets, acts, grads), 0)
+
+
+def test_gradcam_matches_pytorch_grad_cam(model, be, x):
+    from pytorch_grad_cam import GradCAM
+    expected = _pytorch_grad_cam_raw(GradCAM, model, x, TARGETS)
+    assert_agree(ms.gradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False), expected)
+
+
+def test_gradcam_upsample_and_normalize(model, be, x):
+    from captum.attr import LayerAttribution
+    raw = ms.gradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    full = ms.gradcam(be, x, TARGETS, layer=LAYER)
+    assert full.shape == (3, 32, 32)
+    assert_agree(full, scale_01(resize_maps(raw, (32, 32))), tol=FORMULA)
+    up = LayerAttribution.interpolate(torch.from_numpy(raw)[:, None], (32, 32), "bilinear")
+    assert_agree(full, minmax(up[:, 0].numpy()))
+
+
+# ---- Grad-CAM++ ---------------------------------------------------------------------------------
+def test_gradcam_pp_eps_matches_pytorch_grad_cam(model, be, x):
+    from pytorch_grad_cam import GradCAMPlusPlus
+    expected = _pytorch_grad_cam_raw(GradCAMPlusPlus, model, x, TARGETS)
+    actual = ms.gradcam_pp(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, eps=1e-6)
+    assert_agree(actual, expected)
+
+
+def test_gradcam_pp_matches_paper_formula(model, be, x):
+    A, g = torch_layer(model, x, TARGETS)
+    assert (g == 0).mean() > 0.2   # the ReLU after the layer makes the gradient sparse
+    expected = paper_gradcam_pp(A, g, g ** 2, g ** 3)
+    assert_agree(ms.gradcam_pp(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False), expected,
+                 tol=FORMULA)
+
+
+def test_torchcam_gradcampp_is_not_the_paper_formula(model, x):
+    # torch-cam's GradCAMpp is not the reference multisal follows: it documents and computes
+    # sum_ab(A_ab * g_ab^3) in alpha's denominator where the paper has sum_ab(A_ab) * g_ij^3, and
+    # (torch-cam 0.5.0) its masked in-place division `alpha[idx][mask].div_(...)` divides a copy,
+    # so its alpha stays g^2. Measured here: relative L2 error 1.0 against the paper's formula.
+    from torchcam.methods import GradCAMpp
+    A, g = torch_layer(model, x, TARGETS)
+    paper = paper_gradcam_pp(A, g, g ** 2, g ** 3)
+    with GradCAMpp(model, LAYER, input_shape=(3, 32, 32)) as extractor:
+        scores = model(torch.from_numpy(x))
+        theirs = extractor(class_idx=TARGETS.tolist(), scores=scores, normalized=False)[0].numpy()
+    rel_l2, _ = agreement(theirs, paper)
+    if not agrees(theirs, paper):
+        assert rel_l2 > 1e-2
+
+
+# ---- Smooth Grad-CAM++ --------------------------------------------------------------------------
+def _box_or_points(neurons, region, hw):
+    mask = np.zeros(hw)
+    if region:
+        (r0, c0), (r1, c1) = neurons[:2]
+        for r in range(min(r0, r1), max(r0, r1) + 1):
+            for c in range(min(c0, c1), max(c0, c1) + 1):
+                mask[r, c] = 1
+    else:
+        for r, c in neurons:
+            mask[r, c] = 1
+    return mask
+
+
+@pytest.mark.parametrize("filters, neurons, region", [
+    (None, None, False),
+    ([0, 2], None, False),
+    (None, [(2, 3), (9, 12), (15, 0)], False),
+    (None, [(6, 10), (2, 3)], True),
+])
+def test_smooth_gradcam_pp_matches_paper_formula(model, be, x, filters, neurons, region):
+    noise = noise_array(3, x.shape[1:], 0.4, 5)
+    A, _ = torch_layer(model, x, TARGETS)
+    gs = np.stack([torch_layer(model, x + noise[s], TARGETS)[1] for s in range(3)])
+    d1, d2, d3 = gs.mean(0), (gs ** 2).mean(0), (gs ** 3).mean(0)
+    mask = None if neurons is None else _box_or_points(neurons, region, A.shape[2:])
+    expected = paper_gradcam_pp(A, d1, d2, d3, filters=filters, mask=mask)
+    actual = ms.smooth_gradcam_pp(be, x, TARGETS, layer=LAYER, noise=noise, filters=filters, neurons=neurons,
+                                  region=region, upsample=False, normalize=False)
+    assert actual.shape == expected.shape
+    assert expected.any()
+    assert_agree(actual, expected, tol=FORMULA)
+
+
+# ---- SmoothGrad ---------------------------------------------------------------------------------
+def test_smoothgrad_explicit_noise(model, be, x):
+    noise = noise_array(4, x.shape[1:], 0.5, 11)
+    grads = np.stack([torch_input_grad(model, x + noise[s], TARGETS) for s in range(4)])
+    actual = ms.smoothgrad(be, x, TARGETS, noise=noise)
+    per_call = np.mean([ms.vanilla_gradient(be, x + noise[s], TARGETS) for s in range(4)], axis=0)
+    assert_agree(actual, per_call)
+    assert_agree(actual, np.abs(grads).max(axis=2).mean(axis=0))
+    assert_agree(ms.smoothgrad(be, x, TARGETS, noise=noise, square=True), (grads ** 2).max(axis=2).mean(axis=0))
+    assert_agree(ms.smoothgrad(be, x, TARGETS, noise=noise, channel_reduce=None), np.abs(grads).mean(axis=0))
+
+
+def test_smoothgrad_legacy_noise_matches_chainer_writeup_loop(model, be, x):
+    x1, sigma, n = x[:1], 0.3, 5
+    with torch.no_grad():   # tie the two best classes on the clean input, so the noise decides the argmax
+        out = model(torch.from_numpy(x1))[0]
+        first, second = out.argsort(descending=True)[:2]
+        model.fc.bias[second] += out[first] - out[second]
+    state = np.random.get_state()
+    try:
+        np.random.seed(7)
+        maps, classes = [], []
+        for _ in range(n):
+            xs = x1.copy()
+            xs += sigma * np.random.randn(1, *x1.shape[1:])   # float32 += float64, in place
+            xt = torch.from_numpy(xs).requires_grad_(True)
+            out = model(xt)
+            c = int(out.argmax(1))
+            classes.append(c)
+            maps.append(np.abs(torch.autograd.grad(out[0, c], xt)[0].numpy()).max(axis=1))
+    finally:
+        np.random.set_state(state)
+    assert len(set(classes)) > 1   # so "argmax_per_sample" is put to the test
+    expected = np.mean(maps, axis=0)
+    actual = ms.smoothgrad(be, x1, n=n, sigma=sigma, noise="legacy", seed=7, target="argmax_per_sample",
+                           objective="logit", channel_reduce="max")
+    assert_agree(actual, expected)
+
+
+def test_smoothgrad_reduces_channels_per_sample_before_the_mean(model, be, x):
+    noise = noise_array(8, x.shape[1:], 1.0, 13)
+    grads = np.stack([torch_input_grad(model, x + noise[s], TARGETS) for s in range(8)])
+    mean_of_max = np.abs(grads).max(axis=2).mean(axis=0)
+    max_of_mean = np.abs(grads.mean(axis=0)).max(axis=1)
+    rel_l2, _ = agreement(max_of_mean, mean_of_max)
+    assert rel_l2 > 0.05            # the two orders are far apart (tolerance is 1e-3)
+    actual = ms.smoothgrad(be, x, TARGETS, noise=noise)
+    assert_agree(actual, mean_of_max)
+    assert not agrees(actual, max_of_mean)
+
+
+# ---- batching, parameters, pruning --------------------------------------------------------------
+def test_smoothgrad_batch_size_independent(be, x):
+    one = ms.smoothgrad(be, x, TARGETS, n=7, sigma=0.5, batch_size=1)
+    seven = ms.smoothgrad(be, x, TARGETS, n=7, sigma=0.5, batch_size=7)
+    assert_agree(one, seven)
+
+
+def test_backend_chunking_gives_same_gradients(model, be, x):
+    tiny = ms.load_backend("torch", model=model, memory_budget=1)
+    assert tiny.batch_size(x.shape[1:]) == 1 and be.batch_size(x.shape[1:]) >= len(x)
+    assert_agree(ms.vanilla_gradient(tiny, x, TARGETS, channel_reduce=None, abs=False),
+                 ms.vanilla_gradient(be, x, TARGETS, channel_reduce=None, abs=False))
+
+
+def test_backend_computes_no_parameter_gradient(model, be, x):
+    model.fc.bias.requires_grad_(False)           # a frozen parameter must stay frozen
+    flags = [p.requires_grad for p in model.parameters()]
+    ms.vanilla_gradient(be, x, TARGETS)
+    ms.gradcam(be, x, TARGETS, layer=LAYER)
+    ms.smoothgrad(be, x, TARGETS, n=2, sigma=0.1)
+    ms.integrated_gradients(be, x, TARGETS, steps=2)
+    ms.smooth_gradcam_pp(be, x, TARGETS, layer=LAYER, n=2, sigma=0.1)
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_gradcam_prunes_backward_below_its_layer(model, be, x):
+    calls = []
+    model.features[2].register_full_backward_hook(lambda m, gi, go: calls.append(1))
+    ms.gradcam(be, x, TARGETS, layer=LAYER)
+    ms.gradcam_pp(be, x, TARGETS, layer=LAYER)
+    assert calls == []
+    ms.vanilla_gradient(be, x, TARGETS)
+    assert len(calls) > 0
