@@ -18,7 +18,9 @@ from multisal.backend import Backend, Result
 from multisal.errors import MultisalError
 from multisal.objectives import ARGMAX, Region, check_target_range
 
-DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of activations one call may hold (forward + backward)
+# Bytes of activations one call may hold (forward + backward). On the CPU small batches stay in
+# cache: SmoothGrad on EfficientNet-Lite0 is fastest at about 5 samples a batch (1 GiB gives 5-6).
+CPU_MEMORY_BUDGET = 1 << 30
 
 
 def _parse_bytes(budget) -> int:
@@ -49,16 +51,27 @@ def _resolve_device(device) -> torch.device:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model, device="cpu", memory_budget=DEFAULT_MEMORY_BUDGET, preset=None):
+    def __init__(self, model, device="cpu", memory_budget=None, preset=None, channels_last=None):
         if not isinstance(model, torch.nn.Module):
             raise MultisalError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.memory_budget = _parse_bytes(memory_budget)
+        # oneDNN's CPU convolutions (depthwise ones above all) run faster on NHWC: SmoothGrad on
+        # EfficientNet-Lite0 takes about 20% less time. The maths is unchanged.
+        self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.memory_budget = _parse_bytes(memory_budget) if memory_budget is not None else self._default_budget()
         self.preset = preset
         self._modules = dict(self.model.named_modules())
         self._bytes_per_sample = {}
         self._default_layer = {}
+
+    def _default_budget(self):
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return free // 2
+        return CPU_MEMORY_BUDGET
 
     # ---- layers -------------------------------------------------------------------------------
     def layer_names(self):
@@ -66,7 +79,11 @@ class TorchBackend(Backend):
 
     def _module(self, name):
         if name not in self._modules or not name:
-            close = difflib.get_close_matches(str(name), self.layer_names(), n=5, cutoff=0.4)
+            names = self.layer_names()
+            last = str(name).rsplit(".", 1)[-1]
+            # Same last component (a path under the wrong parent) first, then similar spellings.
+            same_leaf = [n for n in names if n.rsplit(".", 1)[-1] == last]
+            close = list(dict.fromkeys(same_leaf + difflib.get_close_matches(str(name), names, n=5, cutoff=0.4)))[:5]
             hint = f"closest: {', '.join(close)}" if close else "see backend.layer_names()"
             raise MultisalError(f"unknown layer {name!r} in {type(self.model).__name__}: {hint}")
         return self._modules[name]
@@ -153,6 +170,8 @@ class TorchBackend(Backend):
         try:
             with self._no_parameter_grads(), torch.set_grad_enabled(want_grad):
                 xt = torch.from_numpy(x).to(self.device)
+                if self.channels_last:
+                    xt = xt.contiguous(memory_format=torch.channels_last)
                 if want_grad and input_grad:
                     xt.requires_grad_(True)
                 out = self.model(xt)

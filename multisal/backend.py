@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from .errors import MissingFrameworkError, MultisalError
+from .noise import even_chunks
 from .objectives import check_objective
 
 
@@ -56,8 +57,8 @@ class Backend:
             return self._run(x, objective, target, layers, input_grad)
         # Too many inputs for the memory budget: run in chunks and stitch the results together.
         parts = []
-        for start in range(0, len(x), step):
-            sl = slice(start, start + step)
+        for start, stop in even_chunks(len(x), step):
+            sl = slice(start, stop)
             part_target = target[sl] if isinstance(target, np.ndarray) else target
             parts.append(self._run(x[sl], objective, part_target, layers, input_grad))
         return _concatenate(parts)

@@ -73,7 +73,8 @@ def run_demo(out="out/demo", n=50, progress=None):
     save_png(out / "fooling.png", grid([("original", original),
                                         (f"-> {labels[FOOLING_CLASS]} ({int(steps[0])} steps)", changed),
                                         ("difference x10", difference), ("smoothgrad (grey)", grey(maps["smoothgrad"][0]))]))
-    picture = class_visualization(be, VISUALISED_CLASS, preset=preset, progress=progress)
+    # lr=25 (cs231n's, for SqueezeNet) overshoots on EfficientNet-Lite0's gradients; 5 converges.
+    picture = class_visualization(be, VISUALISED_CLASS, preset=preset, lr=5, progress=progress)
     save_png(out / "class_visualization.png", grid([(labels[VISUALISED_CLASS], picture)]))
     print(f"wrote {out}/<photo>/grid.png for {', '.join(photos)}, fooling.png and class_visualization.png")
     return maps

@@ -40,3 +40,9 @@ def scale_01(maps: np.ndarray) -> np.ndarray:
     span = flat.max(axis=(1, 2), keepdims=True) - lo
     out = np.where(span > 0, (flat - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
     return out.reshape(maps.shape)
+
+
+def add_per_image(sums: np.ndarray, images: np.ndarray, values: np.ndarray) -> None:
+    """sums[i] += the sum of values over the samples of image i (samples come image by image)."""
+    for i in np.unique(images):
+        sums[i] += values[images == i].sum(axis=0)

@@ -13,6 +13,7 @@ order, so results never depend on how the samples are chunked into batches.
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .errors import MultisalError
 
@@ -40,8 +41,13 @@ class NoiseStream:
         if self.n < 1:
             raise MultisalError(f"n={n}: the number of noisy samples must be at least 1")
 
+    def batches(self, step: int, progress=False, desc="samples"):
+        """Yield (image index per sample, noisy inputs) in chunks of at most `step` samples."""
+        for start, stop in tqdm(even_chunks(len(self.x) * self.n, step), desc=desc, disable=not progress, unit="batch"):
+            yield np.arange(start, stop) // self.n, self.take(start, stop)
+
     def take(self, start: int, stop: int) -> np.ndarray:
-        """Noisy inputs for flat sample numbers start..stop-1 (must be asked for in order)."""
+        """Noisy inputs for flat sample numbers start..stop-1 (asked for in order: draws are sequential)."""
         images = np.arange(start, stop) // self.n
         base = self.x[images]
         if self.kind == "array":
@@ -49,7 +55,10 @@ class NoiseStream:
             return (base + self._array[images, samples]).astype(np.float32)
         shape = (stop - start, *self.x.shape[1:])
         if self.kind == "normal":
-            return base + self.sigma * self._rng.standard_normal(shape, dtype=np.float32)
+            noisy = self._rng.standard_normal(shape, dtype=np.float32)
+            noisy *= self.sigma
+            noisy += base
+            return noisy
         draws = np.concatenate([self._rng.randn(1, *self.x.shape[1:]) for _ in range(stop - start)])
         return (base.astype(np.float64) + self.sigma * draws).astype(np.float32)
 
@@ -85,3 +94,12 @@ def value_range_of(be, preset):
         return None
     from multisal.models.presets import get_preset
     return get_preset(preset).value_range
+
+
+
+def even_chunks(total: int, step: int):
+    """[(start, stop), ...] covering range(total) in chunks of at most `step` whose sizes differ by at
+    most one: 50 samples at 6 a batch run as 9 batches of 5-6, not 8 of 6 and a small, slow one of 2."""
+    count = -(-total // max(1, int(step)))
+    edges = [total * k // count for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))

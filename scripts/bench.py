@@ -6,7 +6,7 @@ SmoothGrad, n=50, on EfficientNet-Lite0 (real ImageNet weights) at 224x224 on th
 - Captum's NoiseTunnel(Saliency) at each nt_samples_batch_size, the best one kept,
 - a plain PyTorch loop (noise, forward, autograd.grad w.r.t. the input, |g| max over channels,
   mean) at each batch size, the best one kept.
-Each timing is the best of --repeats runs. Results are printed and saved as JSON (--json).
+Each timing is the best of --repeats runs, the cases interleaved. Results are printed and saved as JSON (--json).
 Timings belong here, never in the tests.
 """
 from __future__ import annotations
@@ -29,14 +29,18 @@ from multisal.demo import demo_photos
 BATCH_SIZES = (1, 5, 10, 25, 50)
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up: first-call allocations and thread pools
-    times = []
+def best_times(cases, repeats):
+    """Best-of-`repeats` seconds per case, the cases interleaved round by round so that drift in
+    the machine's speed (other load, clocks) falls on all of them alike."""
+    for fn in cases.values():
+        fn()  # warm-up: first-call allocations and thread pools
+    best = {name: float("inf") for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def plain_loop(model, x, target, n, sigma, batch):
@@ -55,39 +59,40 @@ def plain_loop(model, x, target, n, sigma, batch):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=50, help="SmoothGrad samples (default 50)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the best is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case; the best is kept")
     parser.add_argument("--json", default="out/bench/bench.json", help="where to save the results")
     args = parser.parse_args(argv)
 
     from captum.attr import NoiseTunnel, Saliency
 
-    net = models.load("efficientnet-lite0")
     preset = ms.get_preset(models.preset_for("efficientnet-lite0"))
-    be = ms.load_backend("torch", model=net, preset=preset)
+    be = ms.load_backend("torch", model=models.load("efficientnet-lite0"), preset=preset)
+    # The references get a model of their own: the backend may change its model's memory layout.
+    net = models.load("efficientnet-lite0")
     x = preset.apply(demo_photos()["chelsea"])
     target = int(be.predict(x).argmax())
     lo, hi = preset.value_range
     sigma = 0.15 * (hi - lo)
     n = args.n
 
-    results = {}
-    results["multisal"] = best_time(lambda: ms.smoothgrad(be, x, target, n=n, sigma=sigma), args.repeats)
-    print(f"multisal torch backend      {results['multisal']:.3f} s  (batch {be.batch_size(x.shape[1:])})", flush=True)
-
     nt = NoiseTunnel(Saliency(net))
     xt = torch.from_numpy(x)
-    captum = {}
+    cases = {"multisal": lambda: ms.smoothgrad(be, x, target, n=n, sigma=sigma)}
     for b in BATCH_SIZES:
-        captum[b] = best_time(lambda: nt.attribute(xt, nt_type="smoothgrad", nt_samples=n, stdevs=sigma,
-                                                   target=target, nt_samples_batch_size=b), args.repeats)
-        print(f"captum NoiseTunnel batch {b:3d} {captum[b]:.3f} s", flush=True)
-    plain = {}
+        cases[f"captum/{b}"] = lambda b=b: nt.attribute(xt, nt_type="smoothgrad", nt_samples=n, stdevs=sigma,
+                                                        target=target, nt_samples_batch_size=b)
+        cases[f"plain/{b}"] = lambda b=b: plain_loop(net, x, target, n, sigma, b)
+    seconds = best_times(cases, args.repeats)
+    print(f"multisal torch backend       {seconds['multisal']:.3f} s  (batch {be.batch_size(x.shape[1:])})")
     for b in BATCH_SIZES:
-        plain[b] = best_time(lambda: plain_loop(net, x, target, n, sigma, b), args.repeats)
-        print(f"plain torch loop batch {b:3d}   {plain[b]:.3f} s", flush=True)
+        print(f"captum NoiseTunnel batch {b:3d}  {seconds[f'captum/{b}']:.3f} s")
+    for b in BATCH_SIZES:
+        print(f"plain torch loop batch {b:3d}    {seconds[f'plain/{b}']:.3f} s")
+    captum = {b: seconds[f"captum/{b}"] for b in BATCH_SIZES}
+    plain = {b: seconds[f"plain/{b}"] for b in BATCH_SIZES}
     cb, pb = min(captum, key=captum.get), min(plain, key=plain.get)
-    results.update(captum_best=captum[cb], captum_best_batch=cb, plain_best=plain[pb], plain_best_batch=pb,
-                   captum=captum, plain=plain)
+    results = dict(multisal=seconds["multisal"], captum_best=captum[cb], captum_best_batch=cb,
+                   plain_best=plain[pb], plain_best_batch=pb, captum=captum, plain=plain)
     ratios = {"multisal / captum NoiseTunnel": results["multisal"] / captum[cb],
               "multisal / plain torch loop": results["multisal"] / plain[pb]}
     print(f"\nSmoothGrad n={n}, EfficientNet-Lite0 224x224, CPU ({torch.get_num_threads()} threads)")

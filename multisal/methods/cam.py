@@ -9,10 +9,9 @@ w (N,K), and return relu(sum_k w_k A_k). They differ only in how w comes from th
   over noisy copies of the input; A comes from the clean input.
 """
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import MultisalError
-from ..maps import resize_maps, scale_01
+from ..maps import add_per_image, resize_maps, scale_01
 from ..noise import DEFAULT_NOISE_LEVEL, NoiseStream, resolve_sigma, value_range_of
 from ..objectives import check_objective, expand_target, same_pass_target
 
@@ -124,16 +123,12 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
         stream = NoiseStream(noise, x, n, sigma or 0.0, seed)
         d1, d2, d3 = (np.zeros(A.shape) for _ in range(3))
         step = int(batch_size) if batch_size else be.batch_size(x.shape[1:])
-        total = len(x) * stream.n
-        for start in tqdm(range(0, total, step), desc="smooth_gradcam_pp", disable=not progress, unit="batch"):
-            stop = min(start + step, total)
-            images = np.arange(start, stop) // stream.n
+        for images, noisy in stream.batches(step, progress, desc="smooth_gradcam_pp"):
             chunk_target = target[images] if isinstance(target, np.ndarray) else target
-            g = be.run(stream.take(start, stop), objective, chunk_target, layers=[layer]).gradients[layer]
-            g = g.astype(np.float64)
-            np.add.at(d1, images, g)
-            np.add.at(d2, images, g ** 2)
-            np.add.at(d3, images, g ** 3)
+            g = be.run(noisy, objective, chunk_target, layers=[layer]).gradients[layer].astype(np.float64)
+            add_per_image(d1, images, g)
+            add_per_image(d2, images, g ** 2)
+            add_per_image(d3, images, g ** 3)
         d1, d2, d3 = d1 / stream.n, d2 / stream.n, d3 / stream.n
     weights = _gradcam_pp_weights(A, d1, d2, d3)
     mask = None if not neurons else _neuron_mask(neurons, region, A.shape[2:])

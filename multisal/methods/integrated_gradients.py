@@ -8,6 +8,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import MultisalError
+from ..maps import add_per_image
+from ..noise import even_chunks
 from ..objectives import check_objective, clean_target
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -50,12 +52,13 @@ def integrated_gradients(be, x, target=None, baseline=None, steps=50, objective=
     flat_weight = np.tile(weights, len(x))
     images = np.repeat(np.arange(len(x)), len(alphas))
     step = int(batch_size) if batch_size else be.batch_size(x.shape[1:])
-    for start in tqdm(range(0, len(images), step), desc="integrated_gradients", disable=not progress, unit="batch"):
-        sl = slice(start, start + step)
+    for start, stop in tqdm(even_chunks(len(images), step), desc="integrated_gradients", disable=not progress,
+                            unit="batch"):
+        sl = slice(start, stop)
         idx = images[sl]
         a = flat_alpha[sl].astype(np.float32)[:, None, None, None]
         points = base[idx] + a * delta[idx]
         chunk_target = target[idx] if isinstance(target, np.ndarray) else target
         grad = be.run(points, objective, chunk_target, input_grad=True).input_grad
-        np.add.at(total, idx, grad * flat_weight[sl][:, None, None, None])
+        add_per_image(total, idx, grad * flat_weight[sl][:, None, None, None])
     return (delta * total).astype(np.float32)

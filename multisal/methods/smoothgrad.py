@@ -5,10 +5,9 @@ mean over samples is taken last, as the Chainer write-up does (mean of per-sampl
 which is not the channel maximum of the mean gradient).
 """
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import MultisalError
-from ..maps import check_channel_reduce, reduce_channels
+from ..maps import add_per_image, check_channel_reduce, reduce_channels
 from ..noise import DEFAULT_NOISE_LEVEL, NoiseStream, resolve_sigma, value_range_of
 from ..objectives import check_objective, clean_target
 
@@ -26,15 +25,12 @@ def smoothgrad(be, x, target=None, objective="logit", n=50, noise_level=DEFAULT_
     stream = NoiseStream(noise, x, n, sigma or 0.0, seed)
     target = clean_target(be, x, target)
     step = int(batch_size) if batch_size else be.batch_size(x.shape[1:])
-    total = len(x) * stream.n
     sums = None
-    for start in tqdm(range(0, total, step), desc="smoothgrad", disable=not progress, unit="batch"):
-        stop = min(start + step, total)
-        images = np.arange(start, stop) // stream.n
+    for images, noisy in stream.batches(step, progress, desc="smoothgrad"):
         chunk_target = target[images] if isinstance(target, np.ndarray) else target
-        grad = be.run(stream.take(start, stop), objective, chunk_target, input_grad=True).input_grad
-        maps = reduce_channels(grad, channel_reduce, abs=abs, square=square).astype(np.float64)
+        grad = be.run(noisy, objective, chunk_target, input_grad=True).input_grad
+        maps = reduce_channels(grad, channel_reduce, abs=abs, square=square)
         if sums is None:
             sums = np.zeros((len(x), *maps.shape[1:]))
-        np.add.at(sums, images, maps)
+        add_per_image(sums, images, maps)
     return (sums / stream.n).astype(np.float32)
