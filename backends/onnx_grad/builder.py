@@ -1,0 +1,181 @@
+"""Reverse-mode differentiation of an ONNX graph, pruned to what was asked.
+
+1. A probe run in onnxruntime records every tensor's shape and type (rules need static shapes for
+   things like ConvTranspose's output padding; the batch axis is probed at 2 where it is free).
+2. Forward from the differentiated tensors (the input and/or the layers) mark what depends on them,
+   through float tensors only: integer and shape paths (Shape, Gather on shapes, Range, Cast to
+   int, ...) never carry a gradient.
+3. Backward from the explained output keep the nodes on a path between the two; only those are
+   differentiated, in reverse order, each by its op's rule, so Grad-CAM writes no backward below
+   its layer and no parameter gradient is ever formed.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from multisal.errors import MultisalError
+
+from . import (rules_elementwise, rules_math, rules_nn, rules_pool_norm, rules_shape,  # noqa: F401
+               rules_tensor)  # they fill the registry
+from .objective import build_seed
+from .registry import RULES, GradContext
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+INPUT_GRAD_PREFIX = "multisal_grad:"
+ACTIVATION_PREFIX = "multisal_act:"
+
+
+@dataclass(frozen=True)
+class GradientRequest:
+    layers: Tuple[str, ...] = ()
+    input_grad: bool = True
+    objective: str = "logit"
+    region: bool = False           # the objective's weights come from an input (dense outputs)
+    output: Optional[str] = None   # the explained graph output; None = the first
+
+
+def grad_name(tensor):
+    return INPUT_GRAD_PREFIX + tensor
+
+
+def act_name(tensor):
+    return ACTIVATION_PREFIX + tensor
+
+
+def model_opset(model) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise MultisalError("the model imports no default ONNX opset")
+
+
+def graph_input(model):
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise MultisalError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                            "multisal explains models with one image input")
+    return inputs[0]
+
+
+def constant_values(model):
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            a = node.attribute[0]
+            if a.name == "value":
+                values[node.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                values[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+    return values
+
+
+def probe(model, sample_shape, batch):
+    """Shapes and element types of every tensor, from one onnxruntime run on a zero input."""
+    import onnxruntime as ort
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    probe_model = onnx.ModelProto()
+    probe_model.CopyFrom(model)
+    known = {o.name for o in probe_model.graph.output}
+    for node in probe_model.graph.node:
+        for name in node.output:
+            if name and name not in known and types.get(name):
+                probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+                known.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inp = graph_input(model)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    values = session.run(None, {inp.name: np.zeros((batch, *sample_shape), dtype=dtype)})
+    shapes, dtypes = {}, {}
+    for out, value in zip(session.get_outputs(), values):
+        shapes[out.name] = tuple(np.shape(value))
+        dtypes[out.name] = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
+    shapes[inp.name] = (batch, *sample_shape)
+    dtypes[inp.name] = inp.type.tensor_type.elem_type
+    for name, value in constant_values(model).items():
+        shapes[name] = tuple(value.shape)
+        dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    return shapes, dtypes
+
+
+def _batched(shape):
+    """A probed shape with its batch axis left free."""
+    return ["N", *shape[1:]]
+
+
+def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sample_shape, batch=2) -> onnx.ModelProto:
+    """A copy of `model` with the objective, the gradients and the activations as extra outputs."""
+    graph = model.graph
+    opset = model_opset(model)
+    inp = graph_input(model).name
+    output = request.output or graph.output[0].name
+    shapes, dtypes = probe(model, sample_shape, batch)
+    for layer in request.layers:
+        if layer not in shapes or layer == inp:
+            close = difflib.get_close_matches(layer, [n for n in shapes if len(shapes[n]) == 4], n=5, cutoff=0.3)
+            raise MultisalError(f"unknown layer {layer!r}: no tensor of that name in the model"
+                                + (f"; closest: {', '.join(close)}" if close else "; see `multisal layers MODEL`"))
+    wrt = ([inp] if request.input_grad else []) + list(request.layers)
+
+    depends = set(wrt)
+    for node in graph.node:
+        if any(i in depends for i in node.input if i):
+            depends.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
+    needed, active_nodes = {output}, []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
+            active_nodes.append(node)
+            needed.update(i for i in node.input if i in depends)
+    for name in wrt:
+        if name not in needed:
+            raise MultisalError(f"the output {output!r} does not depend on {name!r}: nothing to differentiate")
+
+    ctx = GradContext(opset, shapes, dtypes, constant_values(model), needed & depends)
+    seed, extra_inputs, extra_outputs = build_seed(ctx, output, request.objective, request.region)
+    grads = {output: [seed]}
+    totals = {}
+
+    def total(name):
+        if name not in totals:
+            totals[name] = ctx.add_all(grads.get(name, []))
+        return totals[name]
+
+    for node in active_nodes:
+        dys = [total(o) if o else None for o in node.output]
+        if all(d is None for d in dys):
+            continue
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            raise MultisalError(f"no gradient rule for op {node.op_type} (node {node.name or node.output[0]!r}, "
+                                f"opset {opset}{', domain ' + node.domain if node.domain else ''})")
+        for i, dx in enumerate(rule(ctx, node, dys)):
+            if dx is not None and ctx.needs(node, i):
+                grads.setdefault(node.input[i], []).append(dx)
+
+    wrt_totals = {name: total(name) for name in wrt}
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    g = result.graph
+    g.node.extend(ctx.nodes)
+    g.initializer.extend(ctx.initializers)
+    g.input.extend(extra_inputs)
+    g.output.extend(extra_outputs)
+    for name in wrt:
+        g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=f"multisal_grad_out/{name}"))
+        g.output.append(helper.make_tensor_value_info(grad_name(name), dtypes[name], _batched(shapes[name])))
+    for name in request.layers:
+        g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))
+        g.output.append(helper.make_tensor_value_info(act_name(name), dtypes[name], _batched(shapes[name])))
+    return result

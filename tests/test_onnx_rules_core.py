@@ -1,0 +1,76 @@
+"""Gradient rules of the core ops, each alone, against float64 finite differences."""
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnx_fd import check_input_gradient, make_model
+
+RNG = np.random.default_rng(0)
+
+
+def _x(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _head(feature_shape, n_classes=3):
+    """Flatten + Gemm to a classifier output, so any feature map can be the objective's input."""
+    size = int(np.prod(feature_shape[1:]))
+    nodes = [helper.make_node("Flatten", ["h"], ["f"]), helper.make_node("Gemm", ["f", "Wfc", "bfc"], ["y"], transB=1)]
+    return nodes, {"Wfc": RNG.standard_normal((n_classes, size)) * 0.3, "bfc": RNG.standard_normal(n_classes)}
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21])
+def test_relu_add_mul_sub_div(opset):
+    body = [helper.make_node("Mul", ["x", "s"], ["a"]), helper.make_node("Add", ["a", "x"], ["b"]),
+            helper.make_node("Relu", ["b"], ["c"]), helper.make_node("Sub", ["c", "x"], ["d"]),
+            helper.make_node("Div", ["d", "k"], ["h"])]
+    head, inits = _head((1, 2, 3, 3))
+    model = make_model(body + head, (1, 2, 3, 3), (1, 3), {**inits, "s": RNG.standard_normal((2, 1, 1)),
+                                                           "k": [1.5]}, opset=opset)
+    check_input_gradient(model, _x(1, 2, 3, 3), [1])
+
+
+@pytest.mark.parametrize("opset", [10, 11, 13])
+def test_clip_inputs_and_attributes(opset):
+    clip = (helper.make_node("Clip", ["x", "lo", "hi"], ["h"]) if opset >= 11 else
+            helper.make_node("Clip", ["x"], ["h"], min=-0.5, max=0.7))
+    head, inits = _head((1, 2, 3, 3))
+    model = make_model([clip] + head, (1, 2, 3, 3), (1, 3), {**inits, "lo": -0.5, "hi": 0.7}, opset=opset)
+    check_input_gradient(model, _x(1, 2, 3, 3), [2])
+
+
+@pytest.mark.parametrize("stride, pads, group, kernel", [
+    (1, [1, 1, 1, 1], 1, 3), (2, [1, 1, 1, 1], 1, 3), (1, [0, 0, 0, 0], 1, 1), (1, [1, 1, 1, 1], 4, 3),
+    (2, [0, 0, 1, 1], 4, 3), (2, [2, 2, 2, 2], 2, 5)])
+def test_conv(stride, pads, group, kernel):
+    cin, cout = 4, 4
+    conv = helper.make_node("Conv", ["x", "Wc", "bc"], ["h"], strides=[stride, stride], pads=pads, group=group,
+                            kernel_shape=[kernel, kernel])
+    out = (7 + pads[0] + pads[2] - kernel) // stride + 1
+    head, inits = _head((1, cout, out, out))
+    model = make_model([conv] + head, (2, cin, 7, 7), (2, 3),
+                       {**inits, "Wc": RNG.standard_normal((cout, cin // group, kernel, kernel)) * 0.3,
+                        "bc": RNG.standard_normal(cout)})
+    check_input_gradient(model, _x(2, cin, 7, 7), [0, 2])
+
+
+def test_batchnorm_globalpool_matmul_transpose_reshape():
+    nodes = [helper.make_node("BatchNormalization", ["x", "g", "beta", "m", "v"], ["bn"], epsilon=1e-3),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Reshape", ["p", "shape"], ["f"]),
+             helper.make_node("Transpose", ["f"], ["ft"], perm=[1, 0]),
+             helper.make_node("Transpose", ["ft"], ["f2"], perm=[1, 0]),
+             helper.make_node("MatMul", ["f2", "W"], ["y"])]
+    graph_inits = {"g": RNG.uniform(0.5, 2, 3), "beta": RNG.standard_normal(3), "m": RNG.standard_normal(3),
+                   "v": RNG.uniform(0.5, 2, 3), "W": RNG.standard_normal((3, 4)), "shape": np.array([2, 3], np.int64)}
+    model = make_model(nodes, (2, 3, 4, 4), (2, 4), graph_inits)
+    check_input_gradient(model, _x(2, 3, 4, 4), [1, 3], objective="log_softmax")
+
+
+@pytest.mark.parametrize("objective", ["logit", "softmax", "log_softmax", "chainer_prob_ce"])
+def test_objectives(objective):
+    head, inits = _head((1, 2, 2, 2), n_classes=4)
+    nodes = [helper.make_node("Identity", ["x"], ["h"])] + head
+    model = make_model(nodes, (3, 2, 2, 2), (3, 4), inits)
+    check_input_gradient(model, _x(3, 2, 2, 2), [0, 3, 1], objective=objective)
