@@ -110,18 +110,32 @@ class TorchBackend(Backend):
                 h.remove()
         return seen, out
 
+    @property
+    def sample_shape(self):
+        """A torch module declares no input size."""
+        return None
+
+    def candidate_layers(self, sample_shape):
+        """[(module path, shape without batch)] of 4-D module outputs with spatial size > 1, in
+        execution order: the layers Grad-CAM can use."""
+        seen, _ = self._trace(tuple(sample_shape))
+        # A container returns its last child's tensor: keep the first (innermost) name per tensor.
+        first_name = {}
+        for name, t in seen:
+            first_name.setdefault(id(t), name)
+        result = []
+        for name, t in seen:
+            if first_name[id(t)] == name and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
+                result.append((name, tuple(t.shape[1:])))
+        return result
+
     def default_layer(self, sample_shape):
         key = tuple(sample_shape)
         if key not in self._default_layer:
-            seen, _ = self._trace(key)
-            # A container returns its last child's tensor: keep the first (innermost) name per tensor.
-            first_name = {}
-            for name, t in seen:
-                first_name.setdefault(id(t), name)
-            candidates = [first_name[id(t)] for _, t in seen if t.dim() == 4 and t.shape[2] * t.shape[3] > 1]
+            candidates = self.candidate_layers(key)
             if not candidates:
                 raise MultisalError(f"{type(self.model).__name__} has no 4-D activation with spatial size > 1: name a layer")
-            self._default_layer[key] = candidates[-1]
+            self._default_layer[key] = candidates[-1][0]
         return self._default_layer[key]
 
     # ---- memory budget ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 `import multisal` imports no framework; a backend imports its own when it is chosen.
 """
 from .backend import Backend, Result, load_backend
-from .errors import MultisalError
+from .errors import MissingFrameworkError, MultisalError
 from .methods.cam import gradcam, gradcam_pp, smooth_gradcam_pp
 from .methods.class_visualization import class_visualization
 from .methods.fooling import fooling_image
@@ -16,6 +16,17 @@ from .objectives import OBJECTIVES, Region, region
 
 __version__ = "0.1.0"
 
+
+def export_gradient_graph(src, dst, layers=(), objective="logit", input_grad=True, input_shape=None, region=False):
+    """Differentiate the ONNX model at `src` and write the self-contained gradient graph to `dst`
+    (see multisal.backends.onnx_backend.export_gradient_graph). Needs the onnx extra."""
+    try:
+        from .backends.onnx_backend import export_gradient_graph as export
+    except ImportError:
+        raise MissingFrameworkError("export_gradient_graph needs onnx and onnxruntime: pip install 'multisal[onnx]'") from None
+    return export(src, dst, layers=layers, objective=objective, input_grad=input_grad, input_shape=input_shape,
+                  region=region)
+
 # The saliency methods by name, as the command line and configuration files refer to them.
 METHODS = {
     "vanilla_gradient": vanilla_gradient,
@@ -27,7 +38,7 @@ METHODS = {
 }
 
 __all__ = [
-    "Backend", "Result", "load_backend", "MultisalError", "get_preset", "Preset", "region", "Region",
+    "Backend", "Result", "load_backend", "export_gradient_graph", "MultisalError", "get_preset", "Preset", "region", "Region",
     "OBJECTIVES", "METHODS", "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam",
     "gradcam_pp", "smooth_gradcam_pp", "fooling_image", "class_visualization", "segment",
 ]

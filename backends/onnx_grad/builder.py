@@ -76,8 +76,16 @@ def constant_values(model):
     return values
 
 
+INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+
+
 def probe(model, sample_shape, batch):
-    """Shapes and element types of every tensor, from one onnxruntime run on a zero input."""
+    """Shapes and element types of every tensor, from onnxruntime runs on a zero input; and the
+    values of small integer tensors that do not change with the batch size (pads, shapes and
+    indices computed from the image size), which rules may treat as constants.
+
+    Returns (shapes, dtypes, shape_constants); shapes are those of the run at `batch`.
+    """
     import onnxruntime as ort
 
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -97,17 +105,29 @@ def probe(model, sample_shape, batch):
     session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inp = graph_input(model)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-    values = session.run(None, {inp.name: np.zeros((batch, *sample_shape), dtype=dtype)})
-    shapes, dtypes = {}, {}
-    for out, value in zip(session.get_outputs(), values):
-        shapes[out.name] = tuple(np.shape(value))
-        dtypes[out.name] = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
+    names = [o.name for o in session.get_outputs()]
+
+    def run(n):
+        return dict(zip(names, session.run(None, {inp.name: np.zeros((n, *sample_shape), dtype=dtype)})))
+
+    values = run(batch)
+    # A model with a fixed batch only ever sees that batch; otherwise compare two batch sizes.
+    dims = inp.type.tensor_type.shape.dim
+    fixed = bool(dims) and dims[0].HasField("dim_value")
+    other = values if fixed else run(batch + 1)
+    shapes, dtypes, shape_constants = {}, {}, {}
+    for name, value in values.items():
+        value = np.asarray(value)
+        shapes[name] = tuple(value.shape)
+        dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        if dtypes[name] in INT_TYPES and value.size <= 64 and np.array_equal(value, np.asarray(other[name])):
+            shape_constants[name] = value
     shapes[inp.name] = (batch, *sample_shape)
     dtypes[inp.name] = inp.type.tensor_type.elem_type
     for name, value in constant_values(model).items():
         shapes[name] = tuple(value.shape)
         dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-    return shapes, dtypes
+    return shapes, dtypes, shape_constants
 
 
 def _batched(shape):
@@ -121,7 +141,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     opset = model_opset(model)
     inp = graph_input(model).name
     output = request.output or graph.output[0].name
-    shapes, dtypes = probe(model, sample_shape, batch)
+    shapes, dtypes, shape_constants = probe(model, sample_shape, batch)
     for layer in request.layers:
         if layer not in shapes or layer == inp:
             close = difflib.get_close_matches(layer, [n for n in shapes if len(shapes[n]) == 4], n=5, cutoff=0.3)
@@ -142,7 +162,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
         if name not in needed:
             raise MultisalError(f"the output {output!r} does not depend on {name!r}: nothing to differentiate")
 
-    ctx = GradContext(opset, shapes, dtypes, constant_values(model), needed & depends)
+    ctx = GradContext(opset, shapes, dtypes, {**shape_constants, **constant_values(model)}, needed & depends)
     seed, extra_inputs, extra_outputs = build_seed(ctx, output, request.objective, request.region)
     grads = {output: [seed]}
     totals = {}
