@@ -178,6 +178,7 @@ class OnnxBackend(Backend):
     def _probe(self, sample_shape):
         key = tuple(sample_shape)
         if key not in self._probes:
+            self._check_shape(key)
             self._probes[key] = probe(self.model, key, 1 if self.batch_one else 2)
         return self._probes[key]
 

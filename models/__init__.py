@@ -122,3 +122,31 @@ def _labels():
 def imagenet_labels():
     """The 1000 ImageNet-1k class names, index = class id (285 'Egyptian cat', 967 'espresso')."""
     return list(_labels())
+
+
+def export_onnx(name, weights=None, cache_dir=None, sample_shape=(3, 224, 224)):
+    """Path of `name` exported to ONNX (free batch axis, torch's default exporter), exported once
+    and cached under ~/.cache/multisal/models, keyed by the name and the weights file's content."""
+    import hashlib
+    from pathlib import Path
+
+    _check_name(name)
+    key = hashlib.sha256(f"{name}|{tuple(sample_shape)}".encode())
+    if weights is not None and not isinstance(weights, (dict,)):
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                key.update(block)
+    base = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                     "multisal", "models")
+    path = Path(base) / f"{name}-{key.hexdigest()[:16]}.onnx"
+    if not path.is_file():
+        import torch
+        from multisal.render import write_atomic
+
+        net = load(name, weights)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        program = torch.onnx.export(net, (torch.zeros(1, *sample_shape),), None, dynamo=True, input_names=["input"],
+                                    output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N")},),
+                                    verbose=False)
+        write_atomic(path, program.model_proto.SerializeToString())
+    return path

@@ -33,7 +33,7 @@ def make_model(nodes, input_shape, output_shape, initializers=(), opset=17, inpu
 
 def _as_initializer(value):
     value = np.asarray(value)
-    return value if value.dtype.kind in "iu" else value.astype(np.float32)
+    return value if value.dtype.kind in "iub" else value.astype(np.float32)
 
 
 def to_float64(model):
