@@ -54,14 +54,22 @@ def test_default_layer_is_the_same_point(backends):
 ])
 def test_methods_agree_with_the_torch_backend(backends, method, kwargs):
     bt, bo, x = backends
+    if method is ms.integrated_gradients:
+        # Near the zero baseline activations crowd the ReLU6 kinks: there torch float32 itself differs
+        # from float64 by 3.4e-3 (relative L2, measured at 1/6 of the path), over DESIGN's bound. A path
+        # from half the image keeps the comparison about the rules, not about which side of a kink a
+        # last bit falls.
+        kwargs = dict(kwargs, baseline=x / 2)
     assert_agree(method(bo, x, **kwargs), method(bt, x, **kwargs))
 
 
 def test_targets_and_objectives(backends):
     bt, bo, x = backends
+    # Class 3 (a shark) on the coffee photo: a target far from the prediction. (On chelsea's class 3
+    # the gradient is so sensitive to ReLU6 kinks that torch float32 and float64 differ by 4e-3.)
     for objective in ("softmax", "log_softmax"):
-        rt = bt.run(x, objective, np.array([3, 967]), input_grad=True)
-        ro = bo.run(x, objective, np.array([3, 967]), input_grad=True)
+        rt = bt.run(x, objective, np.array([285, 3]), input_grad=True)
+        ro = bo.run(x, objective, np.array([285, 3]), input_grad=True)
         assert_agree(ro.input_grad, rt.input_grad)
     ro = bo.run(x, "logit", "argmax", input_grad=True)
     assert ro.target.tolist() == [285, 967]
