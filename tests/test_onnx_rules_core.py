@@ -74,3 +74,24 @@ def test_objectives(objective):
     nodes = [helper.make_node("Identity", ["x"], ["h"])] + head
     model = make_model(nodes, (3, 2, 2, 2), (3, 4), inits)
     check_input_gradient(model, _x(3, 2, 2, 2), [0, 3, 1], objective=objective)
+
+
+def test_float64_models_get_float64_gradient_graphs():
+    import onnx
+    import onnxruntime as ort
+    from onnx_fd import finite_differences, to_float64
+
+    from helpers import assert_agree
+    from multisal.backends.onnx_grad import GradientRequest, build_gradient_model
+
+    body = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Clip", ["r", "lo", "hi"], ["h"])]
+    head, inits = _head((1, 2, 3, 3))
+    model = to_float64(make_model(body + head, (2, 2, 3, 3), (2, 3), {**inits, "lo": 0.1, "hi": 0.8}))
+    grad_model = build_gradient_model(model, GradientRequest(objective="softmax"), (2, 3, 3), batch=2)
+    onnx.checker.check_model(grad_model)
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 2, 3, 3))
+    sess = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(None, {"x": x, "multisal_target": np.array([0, 2])})))["multisal_grad:x"]
+    assert got.dtype == np.float64
+    assert_agree(got, finite_differences(model, x, np.array([0, 2]), "softmax"), tol=1e-6)

@@ -162,7 +162,9 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
         if name not in needed:
             raise MultisalError(f"the output {output!r} does not depend on {name!r}: nothing to differentiate")
 
-    ctx = GradContext(opset, shapes, dtypes, {**shape_constants, **constant_values(model)}, needed & depends)
+    float_type = dtypes[output] if dtypes.get(output) in FLOAT_TYPES else onnx.TensorProto.FLOAT
+    ctx = GradContext(opset, shapes, dtypes, {**shape_constants, **constant_values(model)}, needed & depends,
+                      float_type=float_type)
     seed, extra_inputs, extra_outputs = build_seed(ctx, output, request.objective, request.region)
     grads = {output: [seed]}
     totals = {}

@@ -39,7 +39,7 @@ def build_seed(ctx, output, objective, region):
             raise MultisalError(f"a region target needs a dense output (N,C,H,W) or (N,T,C); {output!r} has shape {shape}")
         axis = 1 if len(shape) == 4 else 2
         w = ctx.emit("Expand", [REGION_INPUT, ctx.emit("Shape", [output])])
-        inputs = [helper.make_tensor_value_info(REGION_INPUT, onnx.TensorProto.FLOAT, list(shape[1:]))]
+        inputs = [helper.make_tensor_value_info(REGION_INPUT, ctx.float_type, list(shape[1:]))]
         outputs = []
     else:
         if len(shape) != 2:

@@ -27,8 +27,13 @@ def rule(*op_types):
 
 
 class GradContext:
-    def __init__(self, opset: int, shapes: dict, dtypes: dict, constants: dict, active: set):
+    def __init__(self, opset: int, shapes: dict, dtypes: dict, constants: dict, active: set,
+                 float_type=onnx.TensorProto.FLOAT):
         self.opset = opset
+        # The model's float type: constants and masks are written in it, so float16 and float64
+        # models get gradient graphs that type-check.
+        self.float_type = float_type
+        self.float_dtype = helper.tensor_dtype_to_np_dtype(float_type)
         self.shapes = shapes          # tensor name -> tuple of ints, as seen by a probe run
         self.dtypes = dtypes          # tensor name -> onnx TensorProto element type
         self.constants = constants    # tensor name -> numpy array (initializers, Constant outputs)
@@ -73,8 +78,9 @@ class GradContext:
                                            domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
-    def const(self, value, dtype=np.float32, hint="const") -> str:
+    def const(self, value, dtype=None, hint="const") -> str:
         name = self.fresh(hint)
+        dtype = self.float_dtype if dtype is None else dtype
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
@@ -103,8 +109,9 @@ class GradContext:
         return self.emit("Squeeze", [x], axes=list(axes))
 
     def mask(self, condition):
-        """A boolean tensor as float 0/1, to be applied with Mul (faster than Where in onnxruntime)."""
-        return self.emit("Cast", [condition], to=onnx.TensorProto.FLOAT)
+        """A boolean tensor as 0/1 in the model's float type, applied with Mul (onnxruntime runs that
+        faster than Where)."""
+        return self.emit("Cast", [condition], to=self.float_type)
 
     def reshape_like(self, x, like):
         return self.emit("Reshape", [x, self.emit("Shape", [like])])
