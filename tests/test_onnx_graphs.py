@@ -1,0 +1,86 @@
+"""Hand-built graphs for what torch does not emit, and the builder's contract at its edges."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import multisal as ms
+from helpers import assert_agree
+from onnx_fd import check_input_gradient, make_model
+
+RNG = np.random.default_rng(7)
+
+
+def test_attention_block_against_finite_differences():
+    """x (N,T,D) -> LayerNorm -> Q,K,V -> softmax(QK^T/sqrt(d)) V -> + x -> mean over T -> logits."""
+    T, D = 4, 6
+    inits = {"ln_s": RNG.uniform(0.5, 1.5, D), "ln_b": RNG.standard_normal(D) * 0.1,
+             "Wq": RNG.standard_normal((D, D)) * 0.4, "Wk": RNG.standard_normal((D, D)) * 0.4,
+             "Wv": RNG.standard_normal((D, D)) * 0.4, "scale": [1 / np.sqrt(D)],
+             "Wo": RNG.standard_normal((D, 3)) * 0.5, "perm_shape": np.array([0, T, 2, D // 2], np.int64),
+             "merge_shape": np.array([0, T, D], np.int64)}
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["h"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["h", "Wq"], ["q"]), helper.make_node("MatMul", ["h", "Wk"], ["k"]),
+        helper.make_node("MatMul", ["h", "Wv"], ["v"]),
+        # two heads: (N,T,D) -> (N,T,2,D/2) -> (N,2,T,D/2)
+        helper.make_node("Reshape", ["q", "perm_shape"], ["q4"]), helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["k", "perm_shape"], ["k4"]), helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["v", "perm_shape"], ["v4"]), helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["qh", "kt"], ["scores"]), helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1),
+        helper.make_node("MatMul", ["attn", "vh"], ["ctx"]), helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["merged"]), helper.make_node("Add", ["merged", "x"], ["res"]),
+        helper.make_node("ReduceMean", ["res"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "Wo"], ["y"]),
+    ]
+    model = make_model(nodes, (2, T, D), (2, 3), inits, opset=17)
+    x = RNG.standard_normal((2, T, D)).astype(np.float32)
+    check_input_gradient(model, x, [0, 2])
+    check_input_gradient(model, x, [1, 1], objective="log_softmax")
+
+
+def test_an_op_without_a_rule_names_op_node_and_opset(tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Hardmax", ["c"], ["h"], name="the_hardmax", axis=1),
+             helper.make_node("Flatten", ["h"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])]
+    model = make_model(nodes, ("N", 2, 3, 3), ("N", 3), {"w": RNG.standard_normal((2, 2, 1, 1)),
+                                                         "W": RNG.standard_normal((18, 3))}, opset=13)
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    be = ms.load_backend("onnx", model=str(tmp_path / "m.onnx"), cache_dir=tmp_path)
+    with pytest.raises(ms.MultisalError, match="no gradient rule for op Hardmax \\(node 'the_hardmax', opset 13\\)"):
+        ms.vanilla_gradient(be, np.ones((1, 2, 3, 3), np.float32))
+    # Grad-CAM at a layer after the Hardmax needs no rule for it: the backward stops there.
+    assert ms.gradcam(be, np.ones((1, 2, 3, 3), np.float32), layer="h", upsample=False).shape == (1, 3, 3)
+
+
+def test_sequence_output_region_over_time(tmp_path):
+    """(N,C,H,W) -> (N,T,C) like a text recogniser: why did channel 2 fire at steps 1..3?"""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c"], ["m"], axes=[2], keepdims=0),
+             helper.make_node("Transpose", ["m"], ["y"], perm=[0, 2, 1])]
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model = make_model(nodes, ("N", 3, 5, 6), ("N", 6, 4), {"w": w}, opset=13)
+    onnx.save_model(model, str(tmp_path / "seq.onnx"))
+    be = ms.load_backend("onnx", model=str(tmp_path / "seq.onnx"), cache_dir=tmp_path)
+    x = RNG.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    got = ms.vanilla_gradient(be, x, ms.region(2, box=(1, 4)), channel_reduce=None, abs=False)
+    torch = pytest.importorskip("torch")
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = torch.nn.functional.conv2d(xt, torch.from_numpy(w), padding=1).mean(2).transpose(1, 2)
+    (ref,) = torch.autograd.grad(y[:, 1:4, 2].sum(), xt)
+    assert_agree(got, ref.numpy())
+
+
+def test_fixed_batch_that_cannot_be_rewritten_loops(tmp_path):
+    """A Reshape to [1, -1] cannot take a batch by rewriting the 1: the backend runs one by one."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "W"], ["y"])]
+    W = RNG.standard_normal((12, 3)).astype(np.float32)
+    model = make_model(nodes, (1, 3, 2, 2), (1, 3), {"shape": np.array([1, -1], np.int64), "W": W}, opset=13)
+    onnx.save_model(model, str(tmp_path / "fixed.onnx"))
+    be = ms.load_backend("onnx", model=str(tmp_path / "fixed.onnx"), cache_dir=tmp_path)
+    assert be.batch_one and be.batch_size((3, 2, 2)) == 1
+    x = RNG.standard_normal((3, 3, 2, 2)).astype(np.float32)
+    got = ms.vanilla_gradient(be, x, [0, 1, 2], channel_reduce=None, abs=False)
+    expected = (x > 0) * W.T[[0, 1, 2]].reshape(3, 3, 2, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
