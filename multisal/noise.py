@@ -23,12 +23,7 @@ class NoiseStream:
         self.x = x
         self.sigma = float(sigma)
         if isinstance(noise, str):
-            if noise == "normal":
-                self._rng = np.random.Generator(np.random.PCG64(seed))
-            elif noise == "legacy":
-                self._rng = np.random.RandomState(seed)
-            else:
-                raise MultisalError(f"unknown noise {noise!r}: expected 'normal', 'legacy' or an array (n,C,H,W)")
+            self._rng = make_rng(noise, seed)
             self.kind, self.n, self._array = noise, int(n), None
         else:
             arr = np.asarray(noise)
@@ -53,14 +48,26 @@ class NoiseStream:
         if self.kind == "array":
             samples = np.arange(start, stop) % self.n
             return (base + self._array[images, samples]).astype(np.float32)
-        shape = (stop - start, *self.x.shape[1:])
-        if self.kind == "normal":
-            noisy = self._rng.standard_normal(shape, dtype=np.float32)
-            noisy *= self.sigma
-            noisy += base
-            return noisy
-        draws = np.concatenate([self._rng.randn(1, *self.x.shape[1:]) for _ in range(stop - start)])
-        return (base.astype(np.float64) + self.sigma * draws).astype(np.float32)
+        return add_noise(self._rng, self.kind, base, self.sigma)
+
+
+def add_noise(rng, kind, base: np.ndarray, sigma: float) -> np.ndarray:
+    """base + sigma * one draw per row of base, from a "normal" Generator or a "legacy" RandomState."""
+    if kind == "normal":
+        noisy = rng.standard_normal(base.shape, dtype=np.float32)
+        noisy *= sigma
+        noisy += base
+        return noisy
+    draws = np.concatenate([rng.randn(1, *base.shape[1:]) for _ in range(len(base))])
+    return (base.astype(np.float64) + sigma * draws).astype(np.float32)
+
+
+def make_rng(kind, seed):
+    if kind == "normal":
+        return np.random.Generator(np.random.PCG64(seed))
+    if kind == "legacy":
+        return np.random.RandomState(seed)
+    raise MultisalError(f"unknown noise {kind!r}: expected 'normal', 'legacy' or an array (n,C,H,W)")
 
 
 class _DefaultNoiseLevel(float):

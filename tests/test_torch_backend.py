@@ -134,3 +134,19 @@ def test_bad_input_is_one_clear_line(be, x, call, message):
     with pytest.raises(ms.MultisalError, match=message) as info:
         call(be, x)
     assert "\n" not in str(info.value)
+
+
+def test_smoothgrad_auto_stops_when_the_map_settles(be, x):
+    # A linear model's gradient does not depend on the noise: the map is settled at the second check.
+    torch.manual_seed(0)
+    linear = ms.load_backend("torch", model=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 4)))
+    stats = {}
+    m = ms.smoothgrad(linear, x, target=1, n="auto", stats=stats)
+    assert stats["samples"].tolist() == [20, 20, 20]
+    assert_agree(m, ms.vanilla_gradient(linear, x, target=1))
+    # A ReLU network's map keeps moving at a tight tolerance: the cap ends it, per image.
+    stats = {}
+    ms.smoothgrad(be, x, n="auto", tol=1e-9, max_n=30, stats=stats, noise_level=0.5)
+    assert stats["samples"].tolist() == [30, 30, 30]
+    with pytest.raises(ms.MultisalError, match="'auto' with noise 'normal' or 'legacy'"):
+        ms.smoothgrad(be, x, n="auto", noise=np.zeros((2, 3, 12, 12), np.float32))
