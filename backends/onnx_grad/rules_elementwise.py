@@ -63,8 +63,11 @@ def relu(ctx, node, dys):
 
 @rule("Clip")
 def clip(ctx, node, dys):
-    """Gradient passes strictly inside (min, max); min/max come as attributes (opset < 11) or inputs."""
-    x = node.input[0]
+    """Gradient passes strictly inside (min, max); min/max come as attributes (opset < 11) or inputs.
+
+    The test reads the output y, not the input: min < x < max exactly when min < y < max (outside,
+    y sits on a bound), and leaving x unread lets onnxruntime fuse the Conv before a ReLU6."""
+    y = node.output[0]
     if ctx.opset < 11:
         lo, hi = ctx.attr(node, "min"), ctx.attr(node, "max")
         lo = None if lo is None else ctx.const(lo)
@@ -75,7 +78,7 @@ def clip(ctx, node, dys):
     inside = None
     for bound, op in ((lo, "Greater"), (hi, "Less")):
         if bound is not None:
-            cond = ctx.emit(op, [x, bound])
+            cond = ctx.emit(op, [y, bound])
             inside = cond if inside is None else ctx.emit("And", [inside, cond])
     if inside is None:
         return [dys[0]]
