@@ -93,6 +93,23 @@ def free_batch(model):
     return m
 
 
+def _channels_last(model, shapes):
+    """Names of 4-D tensors laid out (N, H, W, C), which are no Grad-CAM layers: a Transpose's output
+    with perm [0, 2, 3, 1], and what a node makes of such a tensor (its first input) keeping the
+    leading (N, H, W): ConvNeXt's and Swin's LayerNorm, Linear and GELU on channels-last maps, whose
+    last two axes (W, C) would otherwise pass for a spatial size."""
+    found = set()
+    for node in model.graph.node:
+        if node.op_type == "Transpose":
+            perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+            if perm == [0, 2, 3, 1]:
+                found.add(node.output[0])
+        elif node.input and node.input[0] in found:
+            found.update(o for o in node.output if len(shapes.get(o, ())) == 4
+                         and shapes[o][:3] == shapes[node.input[0]][:3])
+    return found
+
+
 class OnnxBackend(Backend):
     name = "onnx"
 
@@ -195,9 +212,10 @@ class OnnxBackend(Backend):
         """[(tensor name, shape without batch)] of float 4-D node outputs with spatial size > 1, in
         graph order: the layers Grad-CAM can use."""
         shapes, dtypes, _ = self._probe(sample_shape)
+        nhwc = _channels_last(self.model, shapes)
         return [(o, shapes[o][1:]) for node in self.model.graph.node for o in node.output
                 if o and dtypes.get(o) in FLOAT_TYPES and len(shapes.get(o, ())) == 4
-                and shapes[o][2] * shapes[o][3] > 1]
+                and shapes[o][2] * shapes[o][3] > 1 and o not in nhwc]
 
     def default_layer(self, sample_shape):
         self._check_shape(sample_shape)

@@ -89,14 +89,15 @@ class TorchBackend(Backend):
         return self._modules[name]
 
     def _trace(self, sample_shape):
-        """One forward pass on a single zero input, recording every module's output in order."""
+        """One forward pass on a single zero input, recording every module's output in order, with
+        its version counter (which in-place ops bump) at that moment."""
         seen = []
         handles = []
 
         def record(name):
             def hook(_module, _inputs, output):
                 if isinstance(output, torch.Tensor):
-                    seen.append((name, output))
+                    seen.append((name, output, output._version))
             return hook
 
         for name, module in self._modules.items():
@@ -120,12 +121,15 @@ class TorchBackend(Backend):
         execution order: the layers Grad-CAM can use."""
         seen, _ = self._trace(tuple(sample_shape))
         # A container returns its last child's tensor: keep the first (innermost) name per tensor.
+        # A tensor changed in place later (ResNet's `out += identity` then ReLU(inplace=True) on a
+        # BatchNorm's output) is the same object with a higher version: a different value, so the
+        # BatchNorm does not take the name of the block's output.
         first_name = {}
-        for name, t in seen:
-            first_name.setdefault(id(t), name)
+        for name, t, version in seen:
+            first_name.setdefault((id(t), version), name)
         result = []
-        for name, t in seen:
-            if first_name[id(t)] == name and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
+        for name, t, version in seen:
+            if first_name[(id(t), version)] == name and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
                 result.append((name, tuple(t.shape[1:])))
         return result
 
@@ -144,7 +148,7 @@ class TorchBackend(Backend):
         if key not in self._bytes_per_sample:
             seen, _ = self._trace(key)
             # Forward keeps roughly every activation for backward; backward holds about as much again.
-            total = sum(t.numel() * t.element_size() for _, t in seen)
+            total = sum(t.numel() * t.element_size() for _, t, _ in seen)
             self._bytes_per_sample[key] = max(1, 2 * total)
         return max(1, min(256, self.memory_budget // self._bytes_per_sample[key]))
 

@@ -190,3 +190,23 @@ def test_region_objective_on_a_dense_output(tmp_path):
     expected = np.zeros_like(x)
     expected[:, :, 1:3, 1:4] = 1.0          # y[1] = sum of the channels: the box's pixels, weight 1
     np.testing.assert_allclose(g, expected, atol=1e-6)
+
+
+def test_default_layer_skips_channels_last_tensors(tmp_path):
+    # ConvNeXt's classifier: LayerNorm over channels on (N, 1, 1, C), between two Transposes. Its last
+    # two axes (1, C) are no spatial size: the default is the last channels-first map, the Conv's.
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w", (4, 3, 3, 3)), ("g", (4,)), ("fc", (2, 4)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Transpose", ["p"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("LayerNormalization", ["t", "g"], ["n"]),
+             helper.make_node("Transpose", ["n"], ["b"], perm=[0, 3, 1, 2]), helper.make_node("Flatten", ["b"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2])], inits)
+    path = tmp_path / "cl.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    bo = ms.load_backend("onnx", model=str(path), cache_dir=tmp_path / "cache")
+    assert bo.default_layer((3, 6, 6)) == "c"

@@ -150,3 +150,15 @@ def test_smoothgrad_auto_stops_when_the_map_settles(be, x):
     assert stats["samples"].tolist() == [30, 30, 30]
     with pytest.raises(ms.MultisalError, match="'auto' with noise 'normal' or 'legacy'"):
         ms.smoothgrad(be, x, n="auto", noise=np.zeros((2, 3, 12, 12), np.float32))
+
+
+def test_default_layer_after_an_in_place_activation():
+    # ReLU(inplace=True) hands back the BatchNorm's output tensor, changed: the default is the ReLU's
+    # output (what an ONNX export of the model names), not the BatchNorm's, which is the same object.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    be = ms.load_backend("torch", model=net)
+    assert be.default_layer((3, 8, 8)) == "2"
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert (be.run(x, layers=["2"]).activations["2"] >= 0).all()

@@ -1,5 +1,5 @@
-"""Gradient rules of the layers with weights: Conv, Gemm, MatMul, BatchNormalization, and global
-pooling. Only input gradients are formed; weights are constants of the gradient graph."""
+"""Gradient rules of the layers with weights: Conv, Gemm, MatMul, Einsum, BatchNormalization, and
+global pooling. Only input gradients are formed; weights are constants of the gradient graph."""
 from __future__ import annotations
 
 import numpy as np
@@ -148,3 +148,59 @@ def global_average_pool(ctx, node, dys):
     size = int(np.prod(ctx.shape(x)[2:]))
     scaled = ctx.emit("Mul", [dys[0], ctx.const(1.0 / size)])
     return [ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])]
+
+
+def _einsum_terms(ctx, node):
+    """The subscripts of each operand and of the output, as lists of letters: spaces dropped,
+    "..." spelt out as letters the equation does not use (right-aligned, numpy's broadcasting),
+    and the implicit output (no "->") made explicit: the ellipsis, then the letters used once, sorted."""
+    equation = ctx.attr(node, "equation")
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    unused = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
+    widths = [ctx.rank(x) - (len(t) - 3) for t, x in zip(terms, node.input) if "..." in t]
+    ellipsis = unused[:max(widths, default=0)]
+
+    def spell(term, width):
+        head, _, tail = term.partition("...")
+        return list(head) + (ellipsis[len(ellipsis) - width:] if "..." in term else []) + list(tail)
+
+    operands = [spell(t, ctx.rank(x) - (len(t) - 3)) for t, x in zip(terms, node.input)]
+    if arrow:
+        output = spell(rhs, len(ellipsis))
+    else:
+        letters = [c for t in terms for c in t.replace("...", "")]
+        output = ellipsis + sorted(c for c in set(letters) if letters.count(c) == 1)
+    return operands, output
+
+
+@rule("Einsum")
+def einsum(ctx, node, dys):
+    """y = einsum(x_0, ..., x_k) is linear in each operand: dx_i = einsum(dy, x_j for j != i -> the
+    subscripts of x_i). A letter only x_i has was summed over: dx_i is constant along it, so it is
+    left out of that einsum and put back with Unsqueeze and Expand. A repeated letter in x_i (a
+    diagonal) or an ellipsis axis of x_i that was broadcast is not supported."""
+    operands, output = _einsum_terms(ctx, node)
+    sizes = {}
+    for letters, x in zip(operands + [output], list(node.input) + [node.output[0]]):
+        for c, n in zip(letters, ctx.shape(x)):
+            sizes[c] = max(sizes.get(c, 1), n)
+    grads = [None] * len(node.input)
+    for i, x in enumerate(node.input):
+        if not ctx.needs(node, i):
+            continue
+        term = operands[i]
+        if len(set(term)) < len(term) or any(n != sizes[c] for c, n in zip(term, ctx.shape(x))):
+            raise MultisalError(f"Einsum node {node.name or node.output[0]!r}: no gradient for operand {i} "
+                                f"({''.join(term)}): a repeated or broadcast subscript")
+        others = [t for j, t in enumerate(operands) if j != i]
+        seen = set(output).union(*others)
+        kept = [c for c in term if c in seen]
+        equation = ",".join("".join(t) for t in [output] + others) + "->" + "".join(kept)
+        dx = ctx.emit("Einsum", [dys[0]] + [o for j, o in enumerate(node.input) if j != i], equation=equation)
+        if len(kept) < len(term):
+            dx = ctx.unsqueeze(dx, [k for k, c in enumerate(term) if c not in seen])
+            dx = ctx.emit("Expand", [dx, ctx.emit("Shape", [x])])
+        grads[i] = dx
+    return grads
