@@ -13,6 +13,8 @@ Every backend must:
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -118,17 +120,32 @@ _BACKENDS = {
 }
 
 
-def load_backend(name, model=None, **options) -> Backend:
-    """ms.load_backend("torch", model=module, device="cpu") and friends."""
+def require_framework(name) -> None:
+    """Fail with one line naming the extra to install when backend `name`'s framework is missing."""
     if not isinstance(name, str) or name not in _BACKENDS:
         raise MultisalError(f"unknown backend {name!r}: expected one of {', '.join(_BACKENDS)}")
-    module_name, class_name, extra, framework = _BACKENDS[name]
+    _module, _class, extra, framework = _BACKENDS[name]
     try:
         importlib.import_module(framework)
     except ImportError:
         how = (f"pip install 'multisal[{extra}]'" if extra else
                "a legacy environment with numpy<2 and chainer 7.8.1 (see README)")
         raise MissingFrameworkError(f"backend {name!r} needs {framework}, which is not installed: {how}") from None
+
+
+def load_backend(name, model=None, **options) -> Backend:
+    """ms.load_backend("torch", model=module, device="cpu") and friends, or
+    ms.load_backend(config): a configuration dict or the path of a TOML file (multisal.config),
+    whose backend, model, weights, preset, size and backend table decide everything."""
+    if isinstance(name, Mapping) or isinstance(name, os.PathLike) or (
+            isinstance(name, str) and name not in _BACKENDS and (name.endswith(".toml") or os.path.isfile(name))):
+        if model is not None or options:
+            raise MultisalError("load_backend(config) takes no other arguments: put them in the configuration")
+        from .config import load_config
+        from .loader import build_backend
+        return build_backend(load_config(name))
+    require_framework(name)
+    module_name, class_name, _extra, _framework = _BACKENDS[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

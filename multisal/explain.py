@@ -1,0 +1,364 @@
+"""The explain job: a configuration, a list of images, one output folder.
+
+    run = ms.run_explain({"model": "efficientnet-lite0", "inputs": ["skimage:chelsea"], "output": "out/x"})
+
+Set-up (backend, method options, CAM layer, class names, target) happens once, in Job; then
+Job.explain_one(source, folder) explains one image into its own folder and returns its manifest
+record, never raising for a bad input: an unreadable image is that input's failure, and the other
+inputs go on. `multisal batch` reuses Job and explain_one for large runs.
+
+Output (DESIGN.md, "Configuration"): config.toml, manifest.jsonl, index.html and one folder per
+input with <method>.npy (the raw map), <method>.png (overlay) and grid.png, plus input.png (the
+photo the overlays are drawn on) and, with progression, progression.png and progression.npy.
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+import inspect
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import ConfigError, dump_toml, load_config, method_options
+from .errors import MultisalError
+from .maps import reduce_channels
+from .models.presets import load_rgb
+from .noise import NoiseStream, resolve_sigma, value_range_of
+from .objectives import ARGMAX
+from .render import grey, grid, overlay, save_npy, save_png, write_atomic
+
+# scikit-image's bundled photos (no download), usable as inputs "skimage:chelsea".
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                  "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page",
+                  "rocket", "text")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# The Chainer write-up's SmoothGrad figure: the map after this many samples.
+PROGRESSION = (1, 2, 3, 10, 20, 30, 50, 75, 100)
+VIEW_SIZE = 448   # longest side of the photo the overlays are drawn on
+ARGMAX_PER_SAMPLE = "argmax_per_sample"
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def expand_inputs(patterns):
+    """Image sources from files, globs, folders (their images), .txt lists (one path a line,
+    relative to the list) and skimage:NAME. A pattern that yields nothing stays in the list, so it
+    fails as an input with its reason instead of vanishing."""
+    sources = []
+    for pattern in patterns:
+        path = os.path.expanduser(pattern)
+        if pattern.startswith("skimage:"):
+            found = [pattern]
+        elif path.lower().endswith(".txt") and os.path.isfile(path):
+            found = _listed(path)
+        elif os.path.isdir(path):
+            found = sorted(str(p) for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif not os.path.exists(path) and glob.has_magic(path):
+            found = sorted(m for m in glob.glob(path, recursive=True) if os.path.isfile(m))
+        else:
+            found = [path]
+        sources.extend(found or [pattern])
+    return sources
+
+
+def _listed(list_file):
+    folder = os.path.dirname(list_file)
+    with open(list_file, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [line if line.startswith("skimage:") else os.path.join(folder, os.path.expanduser(line))
+            for line in lines if line and not line.startswith("#")]
+
+
+def read_image(source) -> np.ndarray:
+    """HWC uint8 RGB of a source; MultisalError (one line) when it cannot be read."""
+    if source.startswith("skimage:"):
+        name = source[len("skimage:"):]
+        if name not in SKIMAGE_PHOTOS:
+            raise MultisalError(f"unknown scikit-image photo {name!r}: expected one of {', '.join(SKIMAGE_PHOTOS)}")
+        import skimage.data
+        return np.asarray(load_rgb(getattr(skimage.data, name)()))
+    if os.path.isdir(source):
+        raise MultisalError(f"folder {source!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if not os.path.exists(source) and glob.has_magic(source):
+        raise MultisalError(f"no file matches {source!r}")
+    return np.asarray(load_rgb(source))
+
+
+def folder_names(sources):
+    """One folder name per source, from its file name, safe on any file system and unique within the
+    run (case-insensitively, for macOS and Windows): chelsea, chelsea-2, ..."""
+    names, taken = [], set()
+    for source in sources:
+        stem = source[len("skimage:"):] if source.startswith("skimage:") else Path(source).stem
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:64] or "input"
+        name, k = base, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{base}-{k}"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+# ---- the job --------------------------------------------------------------------------------------
+class Job:
+    """A configured explainer: backend, methods and their options, CAM layer, class names, target.
+
+    `config` is a validated configuration (multisal.config.load_config); the set-up raises
+    ConfigError or MultisalError, in one line, when it cannot run. Then explain_one per image.
+    """
+
+    def __init__(self, config, progress=False):
+        from .loader import build_backend
+        self.config = config
+        self.progress = progress
+        self.backend = build_backend(config)
+        self.preset = self.backend.preset
+        self.methods = {name: method_options(config, name) for name in config["methods"]}
+        shape = (3, *config["size"])
+        layers = self._set_layers(shape)
+        n_classes = self._check_model(shape, layers)
+        self.labels = class_names(config.get("labels"), n_classes)
+        self.target = resolve_target(config["target"], self.labels)
+
+    def _set_layers(self, shape):
+        """Give every CAM method its layer (its table's, else the top-level one, else the backend's
+        default) and return {layer: the config key it came from}, checking the model has each."""
+        from . import METHODS
+        cam = [m for m in self.methods if "layer" in inspect.signature(METHODS[m]).parameters]
+        if cam:
+            layer = self.config.get("layer") or self.backend.default_layer(shape)
+            for name in cam:
+                self.methods[name].setdefault("layer", layer)
+        keys = {o["layer"]: (f"{m}.layer" if "layer" in self.config.get(m, {}) else "layer")
+                for m, o in self.methods.items() if "layer" in o}
+        known = self.backend.layer_names()
+        for layer, key in keys.items():
+            if layer not in known:
+                close = difflib.get_close_matches(layer, known, n=5, cutoff=0.4)
+                hint = f"closest: {', '.join(close)}; " if close else ""
+                raise ConfigError(f"config key {key!r}: expected a layer of the model ({hint}`multisal layers` "
+                                  f"lists them), got {json.dumps(layer)}")
+        return keys
+
+    def _check_model(self, shape, layers) -> int:
+        """Run the model on a blank input before any output is written; return its number of classes.
+
+        A forward pass: the model runs at this size, the CAM layers give 4-D activations, the output
+        is (N, classes). A backward pass: the model is differentiable here (for ONNX: every op has a
+        gradient rule), and one-off kernel set-up is not billed to the first image's first method.
+        """
+        blank = np.zeros((1, *shape), np.float32)
+        probe = self.backend.run(blank, layers=sorted(layers))
+        for layer, key in layers.items():
+            if probe.activations[layer].ndim != 4:
+                raise ConfigError(f"config key {key!r}: expected a layer with a 4-D (N,C,H,W) activation, got "
+                                  f"{json.dumps(layer)} of shape {probe.activations[layer].shape}")
+        if probe.outputs.ndim != 2:
+            raise MultisalError(f"explain needs a classifier (output (N, classes)); {self.config['model']!r} "
+                                f"gives shape {probe.outputs.shape}")
+        self.backend.run(blank, "logit", np.zeros(1, np.int64), input_grad=True)
+        return probe.outputs.shape[1]
+
+    def explain_one(self, source, folder) -> dict:
+        """Explain one image into `folder`; its manifest record (status "failed" with the reason when
+        the image cannot be read or a method fails)."""
+        folder = Path(folder)
+        record = {"input": str(source), "status": "failed", "error": None, "folder": folder.name,
+                  "target": None, "label": None, "backend": self.backend.name, "methods": {}}
+        try:
+            self._explain(source, folder, record)
+            record["status"] = "ok"
+        except Exception as err:   # any failure is this input's; the run goes on with the next
+            record["error"] = _one_line(err)
+        return record
+
+    def _explain(self, source, folder, record):
+        from . import METHODS
+        photo = read_image(source)
+        x = self.preset.apply(photo)
+        probs = probabilities(self.backend.predict(x)[0])
+        top = [int(i) for i in np.argsort(-probs, kind="stable")[:5]]
+        # The class explained (on the clean image) and what the methods are given: the same, except
+        # that "argmax_per_sample" lets noisy samples pick their own top class.
+        target = self.target if isinstance(self.target, int) else top[0]
+        given = ARGMAX_PER_SAMPLE if self.target == ARGMAX_PER_SAMPLE else target
+        record.update(target=target, label=self.labels[target], probability=float(probs[target]),
+                      top5=[{"class": i, "label": self.labels[i], "probability": float(probs[i])} for i in top])
+        view = _fit(photo, VIEW_SIZE)
+        save_png(folder / "input.png", view)
+        record["photo"] = "input.png"
+        columns = [(f"{target} {self.labels[target]}", view)]
+        for name, options in self.methods.items():
+            method = METHODS[name]
+            accepts = inspect.signature(method).parameters
+            stats = {}
+            extra = {"progress": self.progress, "stats": stats}
+            options = dict(options, **{k: v for k, v in extra.items() if k in accepts})
+            start = time.perf_counter()
+            try:
+                saliency = method(self.backend, x, given, **options)[0]
+            except Exception as err:
+                raise MultisalError(f"{name}: {_one_line(err)}") from None
+            entry = {"seconds": round(time.perf_counter() - start, 4), "files": [f"{name}.npy", f"{name}.png"]}
+            if "layer" in options:
+                entry["layer"] = options["layer"]
+            if "samples" in stats:   # what SmoothGrad used: n, or where n = "auto" settled
+                entry["samples"] = int(stats["samples"][0])
+            save_npy(folder / f"{name}.npy", saliency)
+            picture = overlay(view, saliency)
+            save_png(folder / f"{name}.png", picture)
+            record["methods"][name] = entry
+            columns.append((name, picture))
+        save_png(folder / "grid.png", grid(columns))
+        record["grid"] = "grid.png"
+        if self.config["progression"]:
+            start = time.perf_counter()
+            maps = smoothgrad_progression(self.backend, x, given, method_options(self.config, "smoothgrad"),
+                                          progress=self.progress)
+            save_npy(folder / "progression.npy", maps)
+            save_png(folder / "progression.png",
+                     grid([("input", view)] + [(f"{k} sample{'s' if k > 1 else ''}", grey(m))
+                                                  for k, m in zip(PROGRESSION, maps)]))
+            record["progression"] = {"seconds": round(time.perf_counter() - start, 4), "samples": list(PROGRESSION),
+                                     "files": ["progression.npy", "progression.png"]}
+
+
+def smoothgrad_progression(be, x, target, options=None, checkpoints=PROGRESSION, progress=False):
+    """SmoothGrad of one image after each number of samples in `checkpoints`, from one pass of
+    max(checkpoints) samples: the running mean of the per-sample maps over the noise stream
+    ms.smoothgrad draws (samples numbered in order), so the map after k samples is
+    ms.smoothgrad(n=k) with the same options. `options` are smoothgrad's keywords (n, tol and
+    max_n are ignored); target is a class index or "argmax_per_sample"."""
+    from .methods.smoothgrad import smoothgrad
+    defaults = {k: p.default for k, p in inspect.signature(smoothgrad).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    o = {**defaults, **(options or {})}
+    sigma = resolve_sigma(o["noise_level"], o["sigma"], value_range_of(be, None), x)
+    stream = NoiseStream(o["noise"], x[:1], max(checkpoints), sigma, o["seed"])
+    step = o["batch_size"] or be.batch_size(x.shape[1:])
+    total, done, maps = 0.0, 0, []
+    for _images, noisy in stream.batches(step, progress, desc="progression"):
+        given = ARGMAX if target == ARGMAX_PER_SAMPLE else np.full(len(noisy), target, np.int64)
+        grad = be.run(noisy, o["objective"], given, input_grad=True).input_grad
+        for m in reduce_channels(grad, o["channel_reduce"], abs=o["abs"], square=o["square"]).astype(np.float64):
+            total = total + m
+            done += 1
+            if done in checkpoints:
+                maps.append(total / done)
+    return np.stack(maps).astype(np.float32)
+
+
+def class_names(labels_file, n_classes):
+    """Names of the model's classes: a labels file, ImageNet's for 1000 classes, else "class i"."""
+    if labels_file:
+        try:
+            with open(os.path.expanduser(labels_file), encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            raise ConfigError(f"config key 'labels': cannot read {labels_file!r}: {err.strerror}") from None
+        if len(names) != n_classes:
+            raise ConfigError(f"config key 'labels': {labels_file!r} has {len(names)} class names, "
+                              f"expected one per class of the model ({n_classes})")
+        return names
+    if n_classes == 1000:
+        from . import models
+        return models.imagenet_labels()
+    return [f"class {i}" for i in range(n_classes)]
+
+
+def resolve_target(target, labels):
+    """None for "auto" (each image's top class), "argmax_per_sample", or the class index of an index
+    or a class name."""
+    if target == "auto":
+        return None
+    if target == ARGMAX_PER_SAMPLE:
+        return target
+    if isinstance(target, int):
+        if target >= len(labels):
+            raise ConfigError(f"config key 'target': expected a class index 0..{len(labels) - 1} or a class name, "
+                              f"got {target}")
+        return target
+    folded = [name.lower() for name in labels]
+    if target.lower() in folded:
+        return folded.index(target.lower())
+    close = difflib.get_close_matches(target.lower(), folded, n=3, cutoff=0.6)
+    hint = f"; closest: {', '.join(json.dumps(labels[folded.index(c)]) for c in close)}" if close else ""
+    raise ConfigError(f'config key \'target\': expected "auto", "argmax_per_sample", a class index or one of '
+                      f"the model's class names, got {json.dumps(target)}{hint}")
+
+
+def probabilities(scores) -> np.ndarray:
+    """Class probabilities of one output: softmax of logits, or the output itself when it already
+    is a distribution (a model ending in softmax)."""
+    s = np.asarray(scores, np.float64).ravel()
+    if s.min() >= 0 and abs(s.sum() - 1) < 1e-3:
+        return s
+    e = np.exp(s - s.max())
+    return e / e.sum()
+
+
+def _fit(photo, longest):
+    import cv2
+    h, w = photo.shape[:2]
+    scale = longest / max(h, w)
+    if scale >= 1:
+        return photo
+    return cv2.resize(photo, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def _one_line(err) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, MultisalError) else f"{type(err).__name__}: {text}"
+
+
+# ---- a run ----------------------------------------------------------------------------------------
+@dataclass
+class ExplainRun:
+    output: Path
+    records: list
+
+    @property
+    def failed(self):
+        return [r for r in self.records if r["status"] != "ok"]
+
+    @property
+    def report(self) -> Path:
+        return self.output / "index.html"
+
+
+def run_explain(config=None, overrides=None, progress=None) -> ExplainRun:
+    """Explain every input of a configuration (a dict, a TOML path or None for the defaults), with
+    `overrides` on top, into its output folder. Raises ConfigError for a configuration that cannot
+    run (before writing anything); failed inputs are in the result's `failed` and the manifest."""
+    from .report import write_report
+    cfg = load_config(config, overrides)
+    sources = expand_inputs(cfg["inputs"])
+    if not sources:
+        raise ConfigError("config key 'inputs': no images given; expected image files, globs, folders, "
+                          ".txt lists or skimage:NAME (on the command line: multisal explain IMAGE...)")
+    progress = sys.stderr.isatty() if progress is None else progress
+    job = Job(cfg, progress=progress)
+    out = Path(os.path.expanduser(cfg["output"]))
+    out.mkdir(parents=True, exist_ok=True)
+    config_text = dump_toml(cfg, header="The resolved configuration of this run; "
+                                        "`multisal explain --config config.toml` runs it again.")
+    write_atomic(out / "config.toml", config_text.encode("utf-8"))
+    records = []
+    # The manifest grows one flushed line per input, so an interrupted run still tells what it did.
+    with open(out / "manifest.jsonl", "w", encoding="utf-8") as manifest:
+        pairs = list(zip(sources, folder_names(sources)))
+        for source, name in tqdm(pairs, desc="explain", unit="image", disable=not progress):
+            record = job.explain_one(source, out / name)
+            manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
+            manifest.flush()
+            records.append(record)
+    write_report(out, records, config_text)
+    return ExplainRun(out, records)
