@@ -34,7 +34,7 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
-from multisal.backend import Backend, Result
+from multisal.backend import Backend, Result, parse_bytes
 from multisal.errors import MultisalError
 from multisal.objectives import ARGMAX, Region, check_target_range
 
@@ -43,19 +43,6 @@ from multisal.objectives import ARGMAX, Region, check_target_range
 # 1.3 s at batch 2 and 1.9 s at batch 5, so the budget keeps VGG16 at one sample a call (its
 # activations are about 60 MB a sample, counted twice for the backward pass).
 CPU_MEMORY_BUDGET = 128 << 20
-
-
-def _parse_bytes(budget) -> int:
-    if isinstance(budget, (int, float)):
-        return int(budget)
-    text = str(budget).strip().upper().replace("IB", "B")
-    for suffix, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if text.endswith(suffix):
-            try:
-                return int(float(text[: -len(suffix)]) * scale)
-            except ValueError:
-                break
-    raise MultisalError(f"memory_budget {budget!r} is not a size: expected bytes or a string like '256MiB'")
 
 
 def _resolve_device(device):
@@ -107,7 +94,7 @@ class ChainerBackend(Backend):
         if isinstance(model, chainer.Link) and device not in (None, "cpu", "@numpy"):
             model.to_device(self.device)
         self.preset = preset
-        self.memory_budget = _parse_bytes(memory_budget) if memory_budget is not None else CPU_MEMORY_BUDGET
+        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else CPU_MEMORY_BUDGET
         self._model_name = type(model).__name__ if isinstance(model, chainer.Link) else (
             getattr(model, "__name__", None) or type(model).__name__)
         if isinstance(model, chainer.Link) and hasattr(model, "available_layers"):

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from multisal.backend import Backend, Result, _concatenate
+from multisal.backend import Backend, Result, _concatenate, parse_bytes
 from multisal.errors import MultisalError
 from multisal.objectives import ARGMAX, Region, check_target_range
 from multisal.render import write_atomic
@@ -132,7 +132,7 @@ class OnnxBackend(Backend):
         self.providers = list(providers)
         self.threads = threads
         self.preset = preset
-        self.memory_budget = memory_budget or CPU_MEMORY_BUDGET
+        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else CPU_MEMORY_BUDGET
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         inp = graph_input(model)
         self.input_name = inp.name

@@ -14,26 +14,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from multisal.backend import Backend, Result
+from multisal.backend import Backend, Result, parse_bytes
 from multisal.errors import MultisalError
 from multisal.objectives import ARGMAX, Region, check_target_range
 
 # Bytes of activations one call may hold (forward + backward). On the CPU small batches stay in
 # cache: SmoothGrad on EfficientNet-Lite0 is fastest at about 5 samples a batch (1 GiB gives 5-6).
 CPU_MEMORY_BUDGET = 1 << 30
-
-
-def _parse_bytes(budget) -> int:
-    if isinstance(budget, (int, float)):
-        return int(budget)
-    text = str(budget).strip().upper().replace("IB", "B")
-    for suffix, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if text.endswith(suffix):
-            try:
-                return int(float(text[: -len(suffix)]) * scale)
-            except ValueError:
-                break
-    raise MultisalError(f"memory_budget {budget!r} is not a size: expected bytes or a string like '2GiB'")
 
 
 def _resolve_device(device) -> torch.device:
@@ -61,7 +48,7 @@ class TorchBackend(Backend):
         self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.memory_budget = _parse_bytes(memory_budget) if memory_budget is not None else self._default_budget()
+        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else self._default_budget()
         self.preset = preset
         self._modules = dict(self.model.named_modules())
         self._bytes_per_sample = {}

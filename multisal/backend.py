@@ -97,6 +97,20 @@ def _concatenate(parts) -> Result:
     )
 
 
+def parse_bytes(budget) -> int:
+    """A memory budget: bytes, or a string like '2GiB', '512MB'."""
+    if isinstance(budget, (int, float)):
+        return int(budget)
+    text = str(budget).strip().upper().replace("IB", "B")
+    for suffix, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if text.endswith(suffix):
+            try:
+                return int(float(text[: -len(suffix)]) * scale)
+            except ValueError:
+                break
+    raise MultisalError(f"memory_budget {budget!r} is not a size: expected bytes or a string like '2GiB'")
+
+
 def check_input(x) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise MultisalError(f"inputs must be a numpy array (N,C,H,W) float32, got {type(x).__name__}")
