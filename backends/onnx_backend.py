@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from multisal.backend import Backend, Result, _concatenate, parse_bytes
+from multisal.backend import Backend, Result, concatenate_results, parse_bytes
 from multisal.errors import MultisalError
 from multisal.objectives import ARGMAX, Region, check_target_range
 from multisal.render import write_atomic
@@ -235,7 +235,7 @@ class OnnxBackend(Backend):
     def _run(self, x, objective, target, layers, input_grad):
         self._check_shape(x.shape[1:])
         if self.batch_one and len(x) > 1:
-            return _concatenate([self._run(x[i:i + 1], objective, target[i:i + 1] if isinstance(target, np.ndarray)
+            return concatenate_results([self._run(x[i:i + 1], objective, target[i:i + 1] if isinstance(target, np.ndarray)
                                            else target, layers, input_grad) for i in range(len(x))])
         if objective is None:
             return self._forward(x, layers)

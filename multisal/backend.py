@@ -63,7 +63,7 @@ class Backend:
             sl = slice(start, stop)
             part_target = target[sl] if isinstance(target, np.ndarray) else target
             parts.append(self._run(x[sl], objective, part_target, layers, input_grad))
-        return _concatenate(parts)
+        return concatenate_results(parts)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Model outputs only (no backward)."""
@@ -84,7 +84,7 @@ class Backend:
         raise NotImplementedError
 
 
-def _concatenate(parts) -> Result:
+def concatenate_results(parts) -> Result:
     def cat(values):
         return None if values[0] is None else np.concatenate(values)
     first = parts[0]

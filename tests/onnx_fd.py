@@ -72,10 +72,20 @@ def finite_differences(model, x, target, objective="logit", step=1e-4):
     name = model.graph.input[0].name
     x = x.astype(np.float64)
 
-    def f(v):
+    def forward(v):
         scores = ref.run(None, {name: v})[0]
-        return objective_from_scores(scores.reshape(len(v), -1) if scores.ndim != 2 else scores,
-                                     objective, np.asarray(target)).sum()
+        return scores.reshape(len(v), -1) if scores.ndim != 2 else scores
+
+    return objective_differences(forward, x, target, objective, step)
+
+
+def objective_differences(forward, x, target, objective="logit", step=1e-4):
+    """d objective / d x of any float64 forward function (inputs -> scores), by central
+    differences one element at a time."""
+    x = x.astype(np.float64)
+
+    def f(v):
+        return objective_from_scores(forward(v), objective, np.asarray(target)).sum()
 
     grad = np.zeros_like(x)
     for idx in np.ndindex(x.shape):

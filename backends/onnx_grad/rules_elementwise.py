@@ -17,8 +17,9 @@ def cast(ctx, node, dys):
     return [ctx.emit("Cast", [dys[0]], to=ctx.dtypes[node.input[0]])]
 
 
-@rule("Add")
+@rule("Add", "Sum")
 def add(ctx, node, dys):
+    """dx_i = dy summed down to x_i's shape (Sum is Add with any number of inputs)."""
     return [ctx.unbroadcast(dys[0], node.output[0], x) if ctx.needs(node, i) else None
             for i, x in enumerate(node.input)]
 

@@ -207,13 +207,6 @@ def pow_(ctx, node, dys):
 
 # ---- variadic, broadcasting ops -----------------------------------------------------------------------
 
-@rule("Sum")
-def sum_(ctx, node, dys):
-    """dx_i = unbroadcast(dy)."""
-    return [ctx.unbroadcast(dys[0], node.output[0], x) if ctx.needs(node, i) else None
-            for i, x in enumerate(node.input)]
-
-
 @rule("Mean")
 def mean(ctx, node, dys):
     """dx_i = unbroadcast(dy / n)."""
