@@ -1,7 +1,9 @@
 """Noise streams for SmoothGrad and Smooth Grad-CAM++.
 
-Samples are numbered image-major (image 0's samples 1..n, then image 1's, ...) and drawn in that
-order, so results never depend on how the samples are chunked into batches.
+Every image draws its samples from its own stream, seeded with `seed`, in sample order: an image's
+noise depends neither on how its samples are chunked into batches nor on the other images beside it,
+so ms.smoothgrad(be, x)[i] equals ms.smoothgrad(be, x[i:i+1])[0], and a batch job gives each image
+the same map whichever images share its batch, on whichever engine or rerun.
 
 - "normal": numpy Generator(PCG64(seed)), float32 draws, added in float32.
 - "legacy": numpy.random.RandomState(seed).randn(1,C,H,W) per sample, float64, exactly what
@@ -23,7 +25,7 @@ class NoiseStream:
         self.x = x
         self.sigma = float(sigma)
         if isinstance(noise, str):
-            self._rng = make_rng(noise, seed)
+            self._rngs = [make_rng(noise, seed) for _ in range(len(x))]
             self.kind, self.n, self._array = noise, int(n), None
         else:
             arr = np.asarray(noise)
@@ -42,13 +44,24 @@ class NoiseStream:
             yield np.arange(start, stop) // self.n, self.take(start, stop)
 
     def take(self, start: int, stop: int) -> np.ndarray:
-        """Noisy inputs for flat sample numbers start..stop-1 (asked for in order: draws are sequential)."""
+        """Noisy inputs for flat sample numbers start..stop-1 (image-major: image 0's samples, then
+        image 1's, ...; asked for in order, as draws are sequential)."""
         images = np.arange(start, stop) // self.n
-        base = self.x[images]
         if self.kind == "array":
             samples = np.arange(start, stop) % self.n
-            return (base + self._array[images, samples]).astype(np.float32)
-        return add_noise(self._rng, self.kind, base, self.sigma)
+            return (self.x[images] + self._array[images, samples]).astype(np.float32)
+        return noisy_copies(self._rngs, self.kind, self.x, images, self.sigma)
+
+
+def noisy_copies(rngs, kind, x: np.ndarray, images: np.ndarray, sigma: float) -> np.ndarray:
+    """x[images] + noise, each row's noise drawn from its image's own stream rngs[image]. Rows of one
+    image must be contiguous and in sample order."""
+    out = np.empty((len(images), *x.shape[1:]), np.float32)
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    for lo, hi in zip(starts, np.r_[starts[1:], len(images)]):
+        i = images[lo]
+        out[lo:hi] = add_noise(rngs[i], kind, np.broadcast_to(x[i], (hi - lo, *x.shape[1:])), sigma)
+    return out
 
 
 def add_noise(rng, kind, base: np.ndarray, sigma: float) -> np.ndarray:

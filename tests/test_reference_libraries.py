@@ -289,6 +289,28 @@ def test_smoothgrad_batch_size_independent(be, x):
     assert_agree(one, seven)
 
 
+@pytest.mark.parametrize("noise", ["normal", "legacy"])
+def test_noisy_methods_give_each_image_its_own_noise(be, x, noise):
+    # Each image draws from its own stream: its map does not depend on the images beside it, so a
+    # batch job gives the same map whatever batch an image lands in. Two copies of one image in a
+    # batch get the same noise, and an image's noise differs from seed to seed.
+    many = np.concatenate([x, x[:1]])
+    targets = np.r_[TARGETS, TARGETS[:1]]
+    calls = {
+        "smoothgrad": lambda xs, t, seed=0: ms.smoothgrad(be, xs, t, n=5, sigma=0.5, noise=noise, seed=seed, batch_size=4),
+        "auto": lambda xs, t, seed=0: ms.smoothgrad(be, xs, t, n="auto", tol=0.3, max_n=40, sigma=0.5, noise=noise,
+                                                    seed=seed, batch_size=4),
+        "smooth_gradcam_pp": lambda xs, t, seed=0: ms.smooth_gradcam_pp(be, xs, t, layer=LAYER, n=5, sigma=0.5,
+                                                                        noise=noise, seed=seed, batch_size=4),
+    }
+    for name, call in calls.items():
+        together = call(many, targets)
+        for i in range(len(x)):
+            assert_agree(together[i], call(x[i:i + 1], TARGETS[i:i + 1])[0])
+        assert_agree(together[0], together[-1])
+        assert not agrees(call(x[:1], TARGETS[:1], seed=1)[0], together[0]), name
+
+
 def test_backend_chunking_gives_same_gradients(model, be, x):
     tiny = ms.load_backend("torch", model=model, memory_budget=1)
     assert tiny.batch_size(x.shape[1:]) == 1 and be.batch_size(x.shape[1:]) >= len(x)

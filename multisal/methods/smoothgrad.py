@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import MultisalError
 from ..maps import add_per_image, check_channel_reduce, reduce_channels
-from ..noise import DEFAULT_NOISE_LEVEL, NoiseStream, add_noise, make_rng, resolve_sigma, value_range_of
+from ..noise import DEFAULT_NOISE_LEVEL, NoiseStream, make_rng, noisy_copies, resolve_sigma, value_range_of
 from ..objectives import check_objective, clean_target
 
 
@@ -37,7 +37,8 @@ def smoothgrad(be, x, target=None, objective="logit", n=50, noise_level=DEFAULT_
     if isinstance(n, str):
         if n != "auto" or not isinstance(noise, str):
             raise MultisalError(f"n={n!r}: expected a number of samples, or 'auto' with noise 'normal' or 'legacy'")
-        return _until_stable(x, maps_of, make_rng(noise, seed), noise, sigma or 0.0, step, tol, max_n, stats, progress)
+        rngs = [make_rng(noise, seed) for _ in range(len(x))]   # one stream per image, as NoiseStream
+        return _until_stable(x, maps_of, rngs, noise, sigma or 0.0, step, tol, max_n, stats, progress)
     stream = NoiseStream(noise, x, n, sigma or 0.0, seed)
     sums = None
     for images, noisy in stream.batches(step, progress, desc="smoothgrad"):
@@ -53,9 +54,10 @@ def smoothgrad(be, x, target=None, objective="logit", n=50, noise_level=DEFAULT_
 AUTO_STEP = 10
 
 
-def _until_stable(x, maps_of, rng, kind, sigma, step, tol, max_n, stats, progress):
-    """Sample AUTO_STEP more per still-moving image, round by round (draws in round, then image,
-    order), until every running mean has settled or reached max_n samples."""
+def _until_stable(x, maps_of, rngs, kind, sigma, step, tol, max_n, stats, progress):
+    """Sample AUTO_STEP more per still-moving image, round by round, until every running mean has
+    settled or reached max_n samples. Each image draws from its own stream rngs[i], so it stops
+    where it would alone."""
     from tqdm.auto import tqdm
 
     sums, counts = None, np.zeros(len(x), dtype=np.int64)
@@ -66,7 +68,7 @@ def _until_stable(x, maps_of, rng, kind, sigma, step, tol, max_n, stats, progres
         images = np.repeat(active, AUTO_STEP)
         for start in range(0, len(images), step):
             idx = images[start:start + step]
-            maps = maps_of(add_noise(rng, kind, x[idx], sigma), idx)
+            maps = maps_of(noisy_copies(rngs, kind, x, idx, sigma), idx)
             if sums is None:
                 sums = np.zeros((len(x), *maps.shape[1:]))
             add_per_image(sums, idx, maps)
