@@ -16,7 +16,7 @@ LEGACY_REFERENCE := out/legacy-reference
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e ".[torch,onnx,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[torch,onnx,ray,dev]"
 	touch $@
 
 # Chainer builds from its sdist against the venv's own numpy<2 and setuptools<70 (no build

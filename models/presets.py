@@ -5,6 +5,7 @@ scale, in RGB or BGR order, after a resize with a named filter. NumPy and Pillow
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -148,23 +149,29 @@ def _as_list(images):
     return [images]
 
 
-def load_rgb(image) -> Image.Image:
-    """A path, PIL image or HWC uint8 array -> PIL RGB image, refusing oversized or unreadable files."""
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
+def load_rgb(image, name=None) -> Image.Image:
+    """A path, the bytes of an image file, a PIL image or an HWC uint8 array -> PIL RGB image,
+    refusing oversized or unreadable files. `name` is what errors call it (default: the path)."""
+    if isinstance(image, (str, os.PathLike, bytes)):
+        if isinstance(image, bytes):
+            label, opener = str(name or "<bytes>"), io.BytesIO(image)
+        else:
+            label, opener = str(name or image), Path(image)
         try:
-            with Image.open(path) as opened:
+            with Image.open(opener) as opened:
                 w, h = opened.size
                 if w * h > MAX_IMAGE_PIXELS:
-                    raise MultisalError(f"image {str(path)!r} is {w}x{h} pixels, over the limit of "
+                    raise MultisalError(f"image {label!r} is {w}x{h} pixels, over the limit of "
                                         f"{MAX_IMAGE_PIXELS} pixels")
                 return opened.convert("RGB")
         except MultisalError:
             raise
         except FileNotFoundError:
-            raise MultisalError(f"image {str(path)!r} not found") from None
+            raise MultisalError(f"image {label!r} not found") from None
         except (OSError, Image.DecompressionBombError, ValueError) as err:
-            raise MultisalError(f"cannot read image {str(path)!r}: {err}") from None
+            # PIL names a stream by its repr; name it as a path would be named
+            reason = str(err).replace(repr(opener), repr(label))
+            raise MultisalError(f"cannot read image {label!r}: {reason}") from None
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):

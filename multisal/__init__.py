@@ -5,7 +5,8 @@
 from .backend import Backend, Result, load_backend
 from .config import ConfigError, load_config
 from .errors import MissingFrameworkError, MultisalError
-from .explain import ExplainRun, Job, run_explain
+from .batch import ExplainRun, run_batch, run_explain
+from .explain import Job
 from .methods.cam import gradcam, gradcam_pp, smooth_gradcam_pp
 from .methods.class_visualization import class_visualization
 from .methods.fooling import fooling_image
@@ -41,7 +42,7 @@ METHODS = {
 
 __all__ = [
     "Backend", "Result", "load_backend", "export_gradient_graph", "MultisalError", "get_preset", "Preset", "region", "Region",
-    "load_config", "ConfigError", "run_explain", "Job", "ExplainRun",
+    "load_config", "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun",
     "OBJECTIVES", "METHODS", "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam",
     "gradcam_pp", "smooth_gradcam_pp", "fooling_image", "class_visualization", "segment",
 ]

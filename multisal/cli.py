@@ -1,4 +1,4 @@
-"""The `multisal` command: explain, demo, methods, layers, export-grad.
+"""The `multisal` command: explain, batch, demo, methods, layers, export-grad.
 
 Exit status: 0 on success, 2 for bad usage or a configuration that cannot run (one line on stderr),
 1 when some inputs failed (each listed on stderr with its reason; the others still have output).
@@ -18,6 +18,14 @@ EXPLAIN_EXAMPLES = """examples:
   multisal explain skimage:chelsea --progression --method smoothgrad
 
 Options given here override the config file key by key (see README, "Configuration")."""
+
+BATCH_EXAMPLES = """examples:
+  multisal batch --config job.toml
+  multisal batch --config job.toml --engine ray      # the same job on a Ray cluster
+  multisal batch val/*.JPEG --method gradcam_pp --out out/val --batch-size 32
+
+A rerun with the same output folder resumes: inputs already done are skipped, the rest (never
+reached, cut off by a crash, or failed) are explained again. Exit status 1 if any input failed."""
 
 
 def _methods(_args):
@@ -70,30 +78,42 @@ def _target(text):
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
-def _explain(args):
-    from .explain import run_explain
-    overrides = {
+def _overrides(args):
+    return {
         "inputs": args.images or None, "backend": args.backend, "model": args.model, "weights": args.weights,
         "preset": args.preset, "methods": _split_methods(args.method), "target": _target(args.target),
         "layer": args.layer, "output": args.out, "labels": args.labels,
         "size": list(args.size) if args.size else None, "progression": True if args.progression else None,
     }
-    run = run_explain(args.config, overrides)
+
+
+def _explain(args):
+    from .batch import run_explain
+    return _summary(run_explain(args.config, _overrides(args)))
+
+
+def _batch(args):
+    from .batch import run_batch
+    overrides = _overrides(args)
+    engine = {k: v for k, v in (("name", args.engine), ("batch_size", args.batch_size)) if v is not None}
+    if engine:
+        from .config import read_toml
+        base = read_toml(args.config) if args.config else {}
+        overrides["engine"] = {**base.get("engine", {}), **engine}
+    return _summary(run_batch(args.config, overrides))
+
+
+def _summary(run):
     for record in run.failed:
         print(f"multisal: failed: {record['input']}: {record['error']}", file=sys.stderr)
     ok = len(run.records) - len(run.failed)
-    print(f"{ok} of {len(run.records)} inputs explained; report: {run.report}")
+    skipped = f" ({run.skipped} done before)" if run.skipped else ""
+    print(f"{ok} of {len(run.records)} inputs explained{skipped}; report: {run.report}")
     return 1 if run.failed else 0
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="multisal", description="Gradient saliency for PyTorch, ONNX and Chainer models.",
-                                     epilog="example: multisal explain cat.jpg --out out/cat   (multisal COMMAND --help for more)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    raw = argparse.RawDescriptionHelpFormatter
-
-    p = sub.add_parser("explain", help="explain images with saliency maps; writes maps, overlays and an HTML report",
-                       epilog=EXPLAIN_EXAMPLES, formatter_class=raw)
+def _run_options(p):
+    """The options explain and batch share (each replaces the config file's key)."""
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files, globs, folders, .txt lists or skimage:NAME (replace the config's inputs)")
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see examples/)")
@@ -109,7 +129,25 @@ def _parser():
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
     p.add_argument("--progression", action="store_true",
                    help="also write SmoothGrad after 1, 2, 3, 10, 20, 30, 50, 75, 100 samples (one pass)")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="multisal", description="Gradient saliency for PyTorch, ONNX and Chainer models.",
+                                     epilog="example: multisal explain cat.jpg --out out/cat   (multisal COMMAND --help for more)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("explain", help="explain images with saliency maps; writes maps, overlays and an HTML report",
+                       epilog=EXPLAIN_EXAMPLES, formatter_class=raw)
+    _run_options(p)
     p.set_defaults(func=_explain)
+
+    p = sub.add_parser("batch", help="a resumable explain job over many images, on the local or the ray engine",
+                       epilog=BATCH_EXAMPLES, formatter_class=raw)
+    _run_options(p)
+    p.add_argument("--engine", choices=["local", "ray"], help="where the work runs (replaces [engine] name)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images explained together (replaces [engine] batch_size)")
+    p.set_defaults(func=_batch)
 
     p = sub.add_parser("demo", help="explain the scikit-image photos with EfficientNet-Lite0 on torch and onnx",
                        epilog="example: multisal demo --out out/demo")

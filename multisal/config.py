@@ -165,9 +165,17 @@ BACKEND_TABLES = {
              "cache_dir": TEXT, "memory_budget": integer(1)},
     "chainer": {"device": TEXT, "memory_budget": MEMORY, "output": TEXT},
 }
-# Read by `multisal batch` (explain runs in-process, one image at a time); accepted here so that one
-# file drives both.
-ENGINE_TABLE = {"name": choice("local", "ray"), "batch_size": integer(1)}
+# Where explain and batch run (multisal.batch); the ray keys are kept while name = "local", so that
+# switching engines stays a one-line change.
+ENGINE_TABLE = {
+    "name": choice("local", "ray"),
+    "batch_size": integer(1),        # images explained together (per actor call on ray)
+    "address": TEXT,                 # ray: a cluster's address; unset starts a local cluster
+    "num_cpus": integer(1),          # ray: CPUs of the local cluster (default: all)
+    "actors": integer(1),            # ray: size of the actor pool (default: CPUs // cpus_per_actor)
+    "cpus_per_actor": number(lo=0),  # ray: default 1
+    "gpus_per_actor": number(lo=0),  # ray: default 0
+}
 
 
 def method_keywords(name):

@@ -37,7 +37,7 @@ def demo_config(backend, out, n=50):
 
 
 def run_demo(out="out/demo", n=50, progress=None):
-    from .explain import run_explain
+    from .batch import run_explain
 
     out = Path(out)
     if progress is None:

@@ -5,7 +5,8 @@
 Set-up (backend, method options, CAM layer, class names, target) happens once, in Job; then
 Job.explain_one(source, folder) explains one image into its own folder and returns its manifest
 record, never raising for a bad input: an unreadable image is that input's failure, and the other
-inputs go on. `multisal batch` reuses Job and explain_one for large runs.
+inputs go on; explain_batch does the same for several images at once, running each method once
+over all of them. Runs over many images (explain, batch, resuming, engines) are multisal.batch.
 
 Output (DESIGN.md, "Configuration"): config.toml, manifest.jsonl, index.html and one folder per
 input with <method>.npy (the raw map), <method>.png (overlay) and grid.png, plus input.png (the
@@ -19,21 +20,18 @@ import inspect
 import json
 import os
 import re
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .config import ConfigError, dump_toml, load_config, method_options
+from .config import ConfigError, method_options
 from .errors import MultisalError
 from .maps import reduce_channels
 from .models.presets import load_rgb
 from .noise import NoiseStream, resolve_sigma, value_range_of
 from .objectives import ARGMAX
-from .render import grey, grid, overlay, save_npy, save_png, write_atomic
+from .render import grey, grid, overlay, save_npy, save_png
 
 # scikit-image's bundled photos (no download), usable as inputs "skimage:chelsea".
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
@@ -76,8 +74,9 @@ def _listed(list_file):
             for line in lines if line and not line.startswith("#")]
 
 
-def read_image(source) -> np.ndarray:
-    """HWC uint8 RGB of a source; MultisalError (one line) when it cannot be read."""
+def read_image(source, data: bytes = None) -> np.ndarray:
+    """HWC uint8 RGB of a source (decoded from `data` when its bytes were read already);
+    MultisalError (one line) when it cannot be read."""
     if source.startswith("skimage:"):
         name = source[len("skimage:"):]
         if name not in SKIMAGE_PHOTOS:
@@ -88,13 +87,14 @@ def read_image(source) -> np.ndarray:
         raise MultisalError(f"folder {source!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if not os.path.exists(source) and glob.has_magic(source):
         raise MultisalError(f"no file matches {source!r}")
-    return np.asarray(load_rgb(source))
+    return np.asarray(load_rgb(source if data is None else data, name=source))
 
 
-def folder_names(sources):
+def folder_names(sources, taken=()):
     """One folder name per source, from its file name, safe on any file system and unique within the
-    run (case-insensitively, for macOS and Windows): chelsea, chelsea-2, ..."""
-    names, taken = [], set()
+    run (case-insensitively, for macOS and Windows) and against the lower-case names in `taken`:
+    chelsea, chelsea-2, ..."""
+    names, taken = [], set(taken)
     for source in sources:
         stem = source[len("skimage:"):] if source.startswith("skimage:") else Path(source).stem
         base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:64] or "input"
@@ -170,32 +170,61 @@ class Job:
     def explain_one(self, source, folder) -> dict:
         """Explain one image into `folder`; its manifest record (status "failed" with the reason when
         the image cannot be read or a method fails)."""
-        folder = Path(folder)
-        record = {"input": str(source), "status": "failed", "error": None, "folder": folder.name,
-                  "target": None, "label": None, "backend": self.backend.name, "methods": {}}
-        try:
-            self._explain(source, folder, record)
-            record["status"] = "ok"
-        except Exception as err:   # any failure is this input's; the run goes on with the next
-            record["error"] = _one_line(err)
-        return record
+        return self.explain_batch([(source, folder)])[0]
 
-    def _explain(self, source, folder, record):
+    def explain_batch(self, items, data=None) -> list:
+        """Explain several images at once: each method runs once over all the readable ones (the
+        backend splits the work by its memory budget), and each image gets its own folder and
+        record, in the order of `items` ((source, folder) pairs). `data` may hold the bytes already
+        read for a source (the ray engine reads files apart from the workers). An image that
+        cannot be read is its own failure; when a method fails on the stack, each image is tried
+        alone, so that one bad image fails only itself."""
+        records, ready = [], []
+        for source, folder in items:
+            folder = Path(folder)
+            record = {"input": str(source), "status": "failed", "error": None, "folder": folder.name,
+                      "target": None, "label": None, "backend": self.backend.name, "methods": {}}
+            records.append(record)
+            try:
+                photo = read_image(str(source), (data or {}).get(source))
+                ready.append((record, folder, photo, self.preset.apply(photo)))
+            except Exception as err:   # this input's failure; the others go on
+                record["error"] = _one_line(err)
+        if len(ready) > 1:
+            try:
+                self._explain_stack(ready)
+                return records
+            except Exception:
+                pass   # tried one by one below, to find whose failure it is
+        for item in ready:
+            try:
+                self._explain_stack([item])
+            except Exception as err:
+                item[0]["error"] = _one_line(err)
+        return records
+
+    def _explain_stack(self, ready):
+        """Run every method once on the stacked images of `ready` ([(record, folder, photo, x)])
+        and write each image's files; a method's seconds are shared out evenly between images."""
         from . import METHODS
-        photo = read_image(source)
-        x = self.preset.apply(photo)
-        probs = probabilities(self.backend.predict(x)[0])
-        top = [int(i) for i in np.argsort(-probs, kind="stable")[:5]]
-        # The class explained (on the clean image) and what the methods are given: the same, except
-        # that "argmax_per_sample" lets noisy samples pick their own top class.
-        target = self.target if isinstance(self.target, int) else top[0]
-        given = ARGMAX_PER_SAMPLE if self.target == ARGMAX_PER_SAMPLE else target
-        record.update(target=target, label=self.labels[target], probability=float(probs[target]),
-                      top5=[{"class": i, "label": self.labels[i], "probability": float(probs[i])} for i in top])
-        view = _fit(photo, VIEW_SIZE)
-        save_png(folder / "input.png", view)
-        record["photo"] = "input.png"
-        columns = [(f"{target} {self.labels[target]}", view)]
+        x = np.concatenate([item[3] for item in ready])
+        probs = [probabilities(scores) for scores in self.backend.predict(x)]
+        views, columns, targets = [], [], []
+        for (record, folder, photo, _), p in zip(ready, probs):
+            top = [int(i) for i in np.argsort(-p, kind="stable")[:5]]
+            # The class explained (on the clean image) and what the methods are given: the same,
+            # except that "argmax_per_sample" lets noisy samples pick their own top class.
+            target = self.target if isinstance(self.target, int) else top[0]
+            targets.append(target)
+            record.update(target=target, label=self.labels[target], probability=float(p[target]),
+                          top5=[{"class": i, "label": self.labels[i], "probability": float(p[i])} for i in top],
+                          methods={})
+            view = _fit(photo, VIEW_SIZE)
+            save_png(folder / "input.png", view)
+            record["photo"] = "input.png"
+            views.append(view)
+            columns.append([(f"{target} {self.labels[target]}", view)])
+        given = ARGMAX_PER_SAMPLE if self.target == ARGMAX_PER_SAMPLE else np.array(targets, np.int64)
         for name, options in self.methods.items():
             method = METHODS[name]
             accepts = inspect.signature(method).parameters
@@ -204,31 +233,39 @@ class Job:
             options = dict(options, **{k: v for k, v in extra.items() if k in accepts})
             start = time.perf_counter()
             try:
-                saliency = method(self.backend, x, given, **options)[0]
+                maps = method(self.backend, x, given, **options)
             except Exception as err:
                 raise MultisalError(f"{name}: {_one_line(err)}") from None
-            entry = {"seconds": round(time.perf_counter() - start, 4), "files": [f"{name}.npy", f"{name}.png"]}
-            if "layer" in options:
-                entry["layer"] = options["layer"]
-            if "samples" in stats:   # what SmoothGrad used: n, or where n = "auto" settled
-                entry["samples"] = int(stats["samples"][0])
-            save_npy(folder / f"{name}.npy", saliency)
-            picture = overlay(view, saliency)
-            save_png(folder / f"{name}.png", picture)
-            record["methods"][name] = entry
-            columns.append((name, picture))
-        save_png(folder / "grid.png", grid(columns))
-        record["grid"] = "grid.png"
-        if self.config["progression"]:
-            start = time.perf_counter()
-            maps = smoothgrad_progression(self.backend, x, given, method_options(self.config, "smoothgrad"),
-                                          progress=self.progress)
-            save_npy(folder / "progression.npy", maps)
-            save_png(folder / "progression.png",
-                     grid([("input", view)] + [(f"{k} sample{'s' if k > 1 else ''}", grey(m))
-                                                  for k, m in zip(PROGRESSION, maps)]))
-            record["progression"] = {"seconds": round(time.perf_counter() - start, 4), "samples": list(PROGRESSION),
-                                     "files": ["progression.npy", "progression.png"]}
+            seconds = round((time.perf_counter() - start) / len(ready), 4)
+            for i, (record, folder, _, _) in enumerate(ready):
+                entry = {"seconds": seconds, "files": [f"{name}.npy", f"{name}.png"]}
+                if "layer" in options:
+                    entry["layer"] = options["layer"]
+                if "samples" in stats:   # what SmoothGrad used: n, or where n = "auto" settled
+                    entry["samples"] = int(stats["samples"][i])
+                save_npy(folder / f"{name}.npy", maps[i])
+                picture = overlay(views[i], maps[i])
+                save_png(folder / f"{name}.png", picture)
+                record["methods"][name] = entry
+                columns[i].append((name, picture))
+        for i, (record, folder, *_) in enumerate(ready):
+            save_png(folder / "grid.png", grid(columns[i]))
+            record["grid"] = "grid.png"
+            if self.config["progression"]:
+                self._progression(record, folder, x[i:i + 1], given if isinstance(given, str) else targets[i], views[i])
+        for record, *_ in ready:
+            record["status"] = "ok"
+
+    def _progression(self, record, folder, x, given, view):
+        start = time.perf_counter()
+        maps = smoothgrad_progression(self.backend, x, given, method_options(self.config, "smoothgrad"),
+                                      progress=self.progress)
+        save_npy(folder / "progression.npy", maps)
+        save_png(folder / "progression.png",
+                 grid([("input", view)] + [(f"{k} sample{'s' if k > 1 else ''}", grey(m))
+                                              for k, m in zip(PROGRESSION, maps)]))
+        record["progression"] = {"seconds": round(time.perf_counter() - start, 4), "samples": list(PROGRESSION),
+                                 "files": ["progression.npy", "progression.png"]}
 
 
 def smoothgrad_progression(be, x, target, options=None, checkpoints=PROGRESSION, progress=False):
@@ -317,48 +354,3 @@ def _fit(photo, longest):
 def _one_line(err) -> str:
     text = " ".join(str(err).split())
     return text if isinstance(err, MultisalError) else f"{type(err).__name__}: {text}"
-
-
-# ---- a run ----------------------------------------------------------------------------------------
-@dataclass
-class ExplainRun:
-    output: Path
-    records: list
-
-    @property
-    def failed(self):
-        return [r for r in self.records if r["status"] != "ok"]
-
-    @property
-    def report(self) -> Path:
-        return self.output / "index.html"
-
-
-def run_explain(config=None, overrides=None, progress=None) -> ExplainRun:
-    """Explain every input of a configuration (a dict, a TOML path or None for the defaults), with
-    `overrides` on top, into its output folder. Raises ConfigError for a configuration that cannot
-    run (before writing anything); failed inputs are in the result's `failed` and the manifest."""
-    from .report import write_report
-    cfg = load_config(config, overrides)
-    sources = expand_inputs(cfg["inputs"])
-    if not sources:
-        raise ConfigError("config key 'inputs': no images given; expected image files, globs, folders, "
-                          ".txt lists or skimage:NAME (on the command line: multisal explain IMAGE...)")
-    progress = sys.stderr.isatty() if progress is None else progress
-    job = Job(cfg, progress=progress)
-    out = Path(os.path.expanduser(cfg["output"]))
-    out.mkdir(parents=True, exist_ok=True)
-    config_text = dump_toml(cfg, header="The resolved configuration of this run; "
-                                        "`multisal explain --config config.toml` runs it again.")
-    write_atomic(out / "config.toml", config_text.encode("utf-8"))
-    records = []
-    # The manifest grows one flushed line per input, so an interrupted run still tells what it did.
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as manifest:
-        pairs = list(zip(sources, folder_names(sources)))
-        for source, name in tqdm(pairs, desc="explain", unit="image", disable=not progress):
-            record = job.explain_one(source, out / name)
-            manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
-            manifest.flush()
-            records.append(record)
-    write_report(out, records, config_text)
-    return ExplainRun(out, records)

@@ -50,6 +50,9 @@ ALL_METHODS = ", ".join(ms.METHODS)
      "config key 'onnx.providers': expected a list of onnxruntime provider names, got \"CPUExecutionProvider\""),
     ({"torch": {"memory_budget": "lots"}}, "config key 'torch.memory_budget': expected a number of bytes"),
     ({"engine": {"name": "spark"}}, "config key 'engine.name': expected one of \"local\", \"ray\", got \"spark\""),
+    ({"engine": {"cpus_per_actor": -1}}, "config key 'engine.cpus_per_actor': expected a number >= 0, got -1"),
+    ({"engine": {"workers": 4}}, "config key 'engine.workers': unknown key (value 4); [engine] accepts name, batch_size, "
+                                 "address, num_cpus, actors, cpus_per_actor, gpus_per_actor"),
     ({"backend": "torch", "model": "m.onnx"},
      "config key 'backend': \"torch\" cannot run model \"m.onnx\": an .onnx model needs backend = \"onnx\""),
     ({"backend": "onnx", "model": "m.pt"}, "config key 'backend': \"onnx\" cannot run model \"m.pt\""),

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_multisal_imports_no_framework():
     code = ("import sys, multisal, multisal.models;"
-            "bad = [m for m in ('torch', 'onnxruntime', 'onnx', 'chainer') if m in sys.modules];"
+            "bad = [m for m in ('torch', 'onnxruntime', 'onnx', 'chainer', 'ray') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

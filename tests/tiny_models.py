@@ -23,3 +23,21 @@ def unseeded():
 
 def not_a_module():
     return 42
+
+
+class _Picky(torch.nn.Module):
+    """classifier() that refuses an all-white image (every pixel 1.0 with the "raw" preset) anywhere
+    in its batch: a model error that only one input of a batch provokes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = classifier()
+
+    def forward(self, x):
+        if bool((x.flatten(1) >= 1).all(dim=1).any()):
+            raise ValueError("white image")
+        return self.net(x)
+
+
+def picky():
+    return _Picky().eval()
