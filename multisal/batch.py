@@ -7,9 +7,10 @@ index.html and one folder per input. What makes a batch job safe to run unattend
 
 - Every file is written atomically (a temporary file in the same folder, then a rename), so an
   output is either complete or absent; temporary files a killed run left behind are removed.
-- The manifest is appended one record at a time, each a single write() of a whole line, flushed
-  and fsynced once the image's files are all written. A record therefore means "done". A crash can
-  at worst tear the last line; reading skips such a line, and each run rewrites the manifest
+- The manifest is appended one record at a time, each a single write() of a whole line, fsynced,
+  once the image's files are all written and synced (os.sync once per batch, as fsyncing every
+  file costs more than a small model's gradients). A record therefore means "done", even after a
+  power cut. A crash can at worst tear the last line; reading skips such a line, and each run rewrites the manifest
   atomically, one record per input, when it starts and when it ends.
 - A rerun resumes: inputs recorded "ok" whose files are all there are skipped; every other input
   (never reached, cut off half-way, or failed) is explained again from an empty folder.
@@ -170,7 +171,9 @@ DEFAULT_BATCH = 8
 def _run_local(job, items, batch_size, on_record, progress):
     with tqdm(total=len(items), desc="explain", unit="image", disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
-            for record in job.explain_batch(items[start:start + batch_size]):
+            records = job.explain_batch(items[start:start + batch_size])
+            os.sync()   # the images' files reach the disk before the records that vouch for them
+            for record in records:
                 on_record(record)
                 bar.update(1)
 

@@ -131,4 +131,5 @@ class ExplainActor:
         items = list(zip((str(s) for s in batch["source"]), batch["folder"]))
         data = {s: bytes(d) for (s, _), d in zip(items, batch["data"]) if d is not None}
         records = self.job.explain_batch(items, data=data)
+        os.sync()   # on this node: the files reach the disk before the driver records them
         return {"record": np.array([json.dumps(r, ensure_ascii=False) for r in records], dtype=object)}
