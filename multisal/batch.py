@@ -42,6 +42,8 @@ from .render import write_atomic
 # Keys a resumed run may change: the inputs (a job may grow) and how the work is spread.
 RESUMABLE_CHANGES = ("inputs", "engine")
 MANIFEST = "manifest.jsonl"
+# Images explained together (per actor call on ray): each method runs once over them.
+DEFAULT_BATCH = 8
 
 
 @dataclass
@@ -162,10 +164,6 @@ def _run(config, overrides, progress, resume) -> ExplainRun:
     write_report(out, records, config_text, title=f"multisal {'batch' if resume else 'explain'}")
     return ExplainRun(out, records, skipped=len(sources) - len(pending), engine=engine.get("name", "local"),
                       seconds=seconds)
-
-
-# Images explained together by the local engine: each method runs once over them.
-DEFAULT_BATCH = 8
 
 
 def _run_local(job, items, batch_size, on_record, progress):

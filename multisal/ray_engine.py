@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 
+from .batch import DEFAULT_BATCH
 from .errors import MissingFrameworkError, MultisalError
 
 # Files larger than this are left for the actor to open itself, where the pixel limit refuses them
@@ -62,7 +63,7 @@ def run_on_ray(cfg, items, on_record, progress=False):
         actors = engine.get("actors") or max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1)))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = bool(progress)
-        batch = engine.get("batch_size", 8)
+        batch = engine.get("batch_size", DEFAULT_BATCH)
         rows = [{"source": str(source), "folder": str(folder)} for source, folder in items]
         # Reading is I/O: its tasks take no CPU from the actors, and two at a time, batch by batch,
         # keep the actors fed without starting a Ray worker process per file.
