@@ -27,7 +27,7 @@ from .onnx_grad.builder import FLOAT_TYPES, act_name, grad_name, graph_input, pr
 from .onnx_grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
 
 CPU_MEMORY_BUDGET = 1 << 30
-CACHE_FORMAT = "1"   # bump when the gradient graphs multisal writes change
+CACHE_FORMAT = "2"   # bump when the gradient graphs multisal writes change
 
 
 def default_cache_dir() -> Path:

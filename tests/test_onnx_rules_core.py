@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from onnx_fd import check_input_gradient, make_model
+from onnx_fd import check_input_gradient, make_model, run_gradient
 
 RNG = np.random.default_rng(0)
 
@@ -56,6 +56,24 @@ def test_conv(stride, pads, group, kernel):
                        {**inits, "Wc": RNG.standard_normal((cout, cin // group, kernel, kernel)) * 0.3,
                         "bc": RNG.standard_normal(cout)})
     check_input_gradient(model, _x(2, cin, 7, 7), [0, 2])
+
+
+@pytest.mark.parametrize("stride, pads, kernel, multiplier, size", [
+    (2, [0, 0, 1, 1], 3, 1, 8), (2, [1, 1, 1, 1], 3, 1, 7), (2, [2, 2, 2, 2], 5, 2, 7), (3, [1, 2, 0, 1], 3, 1, 8),
+    (2, [0, 0, 0, 0], 1, 1, 7)])
+def test_strided_depthwise_conv(stride, pads, kernel, multiplier, size):
+    """Opset 18+: the polyphase Conv + Col2Im form (odd sizes cropped, a kernel smaller than the
+    stride leaving phases without taps, a channel multiplier)."""
+    cin, cout = 3, 3 * multiplier
+    conv = helper.make_node("Conv", ["x", "Wc", "bc"], ["h"], strides=[stride, stride], pads=pads, group=cin,
+                            kernel_shape=[kernel, kernel])
+    out = [(size + pads[d] + pads[d + 2] - kernel) // stride + 1 for d in range(2)]
+    head, inits = _head((1, cout, *out))
+    model = make_model([conv] + head, (2, cin, size, size), (2, 3),
+                       {**inits, "Wc": RNG.standard_normal((cout, 1, kernel, kernel)) * 0.3,
+                        "bc": RNG.standard_normal(cout)}, opset=18)
+    assert "Col2Im" in {n.op_type for n in run_gradient(model, _x(2, cin, size, size), [0, 2])[1].graph.node}
+    check_input_gradient(model, _x(2, cin, size, size), [0, 2])
 
 
 def test_batchnorm_globalpool_matmul_transpose_reshape():
