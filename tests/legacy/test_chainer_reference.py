@@ -1,10 +1,28 @@
 """The Chainer SmoothGrad write-up (seed 001), run as written in Chainer 7.8.1, against multisal's
 Chainer backend; its maps, weights and input are saved for the main environment, where the torch
-and ONNX backends must reproduce them (tests/test_chainer_reproduction.py).
+and ONNX backends must reproduce them (tests/test_chainer_reproduction.py) to DESIGN.md's bound.
 
 The network is chainer.links.VGG16Layers(pretrained_model=None) (nothing is downloaded) with
-deterministic, seeded weights: He-normal for every layer, fc8 scaled down so the softmax is far
-from saturated and the per-sample argmax moves under the write-up's noise.
+deterministic, seeded weights, chosen so that two float32 implementations can agree to that bound.
+Plain He-normal weights cannot: between two float32 implementations (Chainer and torch, torch
+float32 and float64) a few of VGG16's 15M ReLU and max-pool decisions flip on every sample
+(measured: 1 to 4), and float64 recomputed with float32's decisions reproduces the float32 gradient
+to 2e-6, so the flips are the whole difference. With random-sign weights the input gradient is an
+incoherent sum (the backward signal's participation ratio is 6e4 at pool3), so one flip moves it by
+about sqrt(2 / 6e4): measured 1e-3 to 9e-3 relative L2 per flip, on up to 8% of the map's elements.
+Neither the softmax (max 0.23), nor the argmax (same labels everywhere, top-2 log-probability
+margins >= 0.02), nor the activations (half of each layer active, pre-activation std 50 to 110,
+float32 rounding 1e-7 to 1e-6 of it) were at fault.
+
+So the gradient is made to add up coherently: conv1_1's 64 filters are one shared He-normal filter
+plus CONV1_OWN times their own; every later layer is a random nonnegative average of its inputs
+(|N(0,1)| sqrt(pi/2) / fan_in, mean 1/fan_in) plus RANDOM_PART times He-normal weights; biases
+are zero but fc8's, which has small random weights and random biases. The same flips now move the
+gradient by 1e-6 to 3e-4 (measured: per sample at most 4e-4 relative L2 against Chainer, no map
+element off by 1e-3 of the largest beyond one pixel). The softmax stays far from saturated (max
+0.04 clean, 0.24 noisy) and, the noise raising every activation, the noisy samples' top class (877)
+is not the clean photo's (645), by margins no float32 difference can flip: target
+"argmax_per_sample" is put to the test.
 
 The artifacts go to $MULTISAL_LEGACY_REFERENCE (the Makefile sets out/legacy-reference) or, when
 that is unset, to a temporary folder. meta.json is written last and removed first, so the main
@@ -12,6 +30,7 @@ tests never read a half-written or stale reference.
 """
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import chainer
@@ -27,28 +46,62 @@ import multisal as ms
 from helpers import agrees, assert_agree
 from multisal.models.presets import RESAMPLE
 
-WEIGHTS_SEED = 2017      # the network's weights
+WEIGHTS_SEED = 2         # the network's weights (test_the_reference_is_informative says what it gives)
 SEED = 0                 # np.random.seed(SEED) before the write-up's loop = noise="legacy", seed=SEED
-FC8_SCALE = 0.01         # logits of std ~1-3 instead of ~100-300: softmax not saturated
+CONV1_OWN = 0.5          # conv1_1's filters: one shared filter plus this much of their own
+RANDOM_PART = 0.1        # He-normal part of every later layer, beside its nonnegative average
+FC8_STD = 0.0012         # logits of std ~1.3 (clean) to ~3 (noisy): softmax not saturated
+FC8_BIAS_STD = 1.0
 CASES = {                # name: (samples, noise level)
     "n1": (1, 0.0),      # one sample without noise: the write-up's last figure (plain gradient)
     "n10": (10, 0.2),    # ten noisy samples at the write-up's 20 %
 }
 PRESET = ms.get_preset("chainer-vgg16")
+LAYERS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
+          "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7", "fc8")
 
 
 def seeded_vgg16(seed=WEIGHTS_SEED):
-    """VGG16Layers without downloading anything, then deterministic weights."""
+    """VGG16Layers without downloading anything, then deterministic weights (see the module docstring)."""
     model = VGG16Layers(pretrained_model=None)
     rng = np.random.default_rng(seed)
-    for name in ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1",
-                 "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7", "fc8"):
+    for name in LAYERS:
         link = getattr(model, name)
-        fan_in = int(np.prod(link.W.shape[1:]))
-        std = np.sqrt(2.0 / fan_in) * (FC8_SCALE if name == "fc8" else 1.0)
-        link.W.array[...] = rng.standard_normal(link.W.shape, dtype=np.float32) * np.float32(std)
-        link.b.array[...] = rng.standard_normal(link.b.shape, dtype=np.float32) * np.float32(0.01 if name != "fc8" else 0.0)
+        W, b = link.W.array, link.b.array
+        fan_in = int(np.prod(W.shape[1:]))
+        he = np.float32(np.sqrt(2.0 / fan_in))
+        b[...] = 0
+        if name == "conv1_1":
+            W[...] = rng.standard_normal(W.shape[1:], dtype=np.float32)     # the shared filter
+            own = rng.standard_normal(W.shape, dtype=np.float32)
+            own *= np.float32(CONV1_OWN)
+            W += own
+            W *= he
+        elif name == "fc8":
+            rng.standard_normal(dtype=np.float32, out=W)
+            W *= np.float32(FC8_STD)
+            rng.standard_normal(dtype=np.float32, out=b)
+            b *= np.float32(FC8_BIAS_STD)
+        else:
+            rng.standard_normal(dtype=np.float32, out=W)
+            np.abs(W, out=W)
+            W *= np.float32(np.sqrt(np.pi / 2) / fan_in)
+            part = rng.standard_normal(W.shape, dtype=np.float32)
+            part *= np.float32(RANDOM_PART * np.sqrt(2.0 / fan_in))
+            W += part
     return model
+
+
+@contextmanager
+def in_float64(model):
+    """The model's parameters as float64 for a while (float32 -> float64 -> float32 is exact)."""
+    for p in model.params():
+        p.array = p.array.astype(np.float64)
+    try:
+        yield model
+    finally:
+        for p in model.params():
+            p.array = p.array.astype(np.float32)
 
 
 def writeup_smoothgrad(model, image, sampleSize, noiseLevel, seed):
@@ -124,14 +177,31 @@ def _multisal_map(be, photo, n, level):
 
 
 def test_the_reference_is_informative(reference):
-    """Seeded weights that make a meaningful test: softmax not saturated, gradients not zero, the
-    argmax moving under noise, and no near-tie a float32 difference between backends could flip."""
+    """Seeded weights that make a meaningful test: softmax not saturated, gradients not zero, no
+    near-tie a float32 difference between backends could flip, and a per-sample argmax that is not
+    the clean photo's (so "argmax_per_sample" and the clean argmax give different maps)."""
     for case in reference["cases"].values():
-        assert case["probs"].max() < 0.9
+        assert case["probs"].max() < 0.5
         assert all(np.abs(g).max() > 0 for g in case["grads"])
         logp = np.sort(np.log(case["probs"].astype(np.float64)), axis=1)
-        assert (logp[:, -1] - logp[:, -2]).min() > 1e-3      # top-2 logit margin
-    assert len(set(reference["cases"]["n10"]["labels"])) > 1
+        assert (logp[:, -1] - logp[:, -2]).min() > 0.05      # top-2 margin
+    clean, = reference["cases"]["n1"]["labels"]
+    assert clean not in reference["cases"]["n10"]["labels"]
+
+
+def test_float32_agrees_with_float64(reference):
+    """The reason for the weights: the write-up's float32 map of the clean photo and the same map
+    computed in float64 agree to DESIGN's bound (measured: relative L2 1e-4; with He-normal weights
+    6e-3, 7% of the elements off), so two float32 frameworks can be held to it."""
+    x = PRESET.apply(reference["photo"]).astype(np.float64)
+    with in_float64(reference["model"]) as model, chainer.using_config("train", False):
+        xv = Variable(x)
+        prob = model(xv, layers=["prob"])["prob"]
+        t = prob.array.argmax(axis=1).astype(np.int32)
+        g, = chainer.grad([F.softmax_cross_entropy(prob, t)], [xv])
+    c = reference["cases"]["n1"]
+    assert t.tolist() == c["labels"]
+    assert_agree(c["map"], np.abs(g.array).max(axis=1)[0])
 
 
 def test_preset_is_the_writeups_preprocessing(reference):
@@ -163,12 +233,12 @@ def test_reduction_order(reference, backend):
     mean_of_max = np.abs(G).max(axis=1).mean(axis=0)
     max_of_mean = np.abs(G.mean(axis=0)).max(axis=0)
     np.testing.assert_array_equal(mean_of_max, c["map"])
-    assert not agrees(max_of_mean, mean_of_max, tol=1e-2)
+    assert not agrees(max_of_mean, mean_of_max, tol=0.1)         # 35% relative L2 apart
     ours = c.get("multisal")
     if ours is None:
         ours = _multisal_map(backend, reference["photo"], c["n"], c["noise_level"])
     assert_agree(ours[0], mean_of_max)
-    assert not agrees(ours[0], max_of_mean, tol=1e-2)
+    assert not agrees(ours[0], max_of_mean, tol=0.1)
 
 
 def _holds(path, model):
