@@ -1,26 +1,66 @@
 #!/usr/bin/env python
 """Speed of multisal against the reference libraries on the same work, in one run, as ratios.
 
-On EfficientNet-Lite0 (real ImageNet weights) at 224x224 on the CPU:
-- SmoothGrad n=50: multisal's torch backend against Captum's NoiseTunnel(Saliency) and a plain
-  PyTorch loop (noise, forward, autograd.grad w.r.t. the input, |g| max over channels, mean),
-  each reference at every batch size, its best kept;
-- the ONNX backend: SmoothGrad n=50 and Grad-CAM++ against the torch backend, Captum's
-  NoiseTunnel and pytorch-grad-cam's GradCAMPlusPlus.
-Each timing is the best of --repeats runs, the cases of a section interleaved round by round.
-Results are printed and saved as JSON (--json). Timings belong here, never in the tests.
+Sections (--sections, default all) are registered in SECTIONS; each prints its own tables and
+returns what goes under its name in the JSON record (--json). A new section is one function
+decorated with @section("name").
+
+"compare" (issue 6): methods x backends x reference libraries, on the CPU at 224x224, one real
+photo (scikit-image's chelsea) preprocessed with the model's preset, the model's argmax class as
+target, for EfficientNet-Lite0 (real ImageNet weights) and ResNet-50 (random weights, seeded).
+multisal runs on the torch backend and on the onnx backend (the model exported to ONNX). Each
+reference does the same work as a multisal call given the keywords that make the same output:
+
+    work (--works)         multisal keywords                   reference
+    vanilla_gradient       channel_reduce=None                 Captum Saliency
+    smoothgrad             n, sigma, channel_reduce=None       Captum NoiseTunnel(Saliency), smoothgrad;
+                                                               a plain torch loop
+    integrated_gradients   steps=n, method="riemann_right"     Captum IntegratedGradients(n_steps=n),
+                                                               the same method (Captum's default differs)
+    gradcam                upsample=False, normalize=False     Captum LayerGradCam (raw, layer resolution)
+                           (defaults)                          pytorch-grad-cam GradCAM (upsampled, [0,1])
+    gradcam_pp             eps=1e-6                            pytorch-grad-cam GradCAMPlusPlus (its eps)
+    smooth_gradcam_pp      n, sigma, upsample=False            torch-cam SmoothGradCAMpp(num_samples=n, std=sigma)
+
+n is --n (50), sigma = 0.15 x the preset's value range. The CAM layer is the torch backend's default
+layer (the onnx backend resolves its default to the same tensor); the references hook the module
+of that name, except where that module runs more than once per forward (MODELS' reference_layer).
+torch-cam's SmoothGradCAMpp is not the same formula (its alpha divides by sum_ab(A g^3), not
+sum_ab(A) g^3, and its weights take relu of the last noisy sample's gradient, not of the mean), but
+the same work: the clean forward pass, then n noisy ones, each differentiated down to the layer
+(torch-cam takes the noisy samples one at a time; it has no batch size).
+
+The references are used at their best: their own copy of the model in eval mode with its
+parameters frozen and in the torch backend's memory layout (channels_last on the CPU), as multisal
+runs it (--plain-references: the model as loaded instead); every reference with a batch size
+(NoiseTunnel's nt_samples_batch_size, IntegratedGradients' internal_batch_size, the plain loop's)
+at its fastest of BATCH_SIZES and "all at once"; torch-cam's clean pass under no_grad; the
+pytorch-grad-cam and torch-cam extractors opened and closed within each call, so that no hook is
+left on the model (checked after every work).
+
+Timings are the best of --repeats rounds, the cases of a work interleaved round by round; fewer
+rounds where they would pass --budget seconds. "corr" is the Pearson correlation of a reference's
+output with multisal's torch backend's, "corr onnx" that of the onnx backend's with the torch
+backend's: a guard against timing different work. Where noise is drawn (each library draws its
+own), "self" is multisal's correlation with itself under another seed: what the same work reaches.
+Timings belong here, never in the tests.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 import multisal as ms
@@ -28,125 +68,428 @@ from multisal import models
 from multisal.demo import demo_photos
 
 BATCH_SIZES = (1, 5, 10, 25, 50)
+NOISE_LEVEL = 0.15          # SmoothGrad's and Smooth Grad-CAM++'s sigma, relative to the preset's value range
+BACKENDS = ("torch", "onnx")
+
+# ---- timing ---------------------------------------------------------------------------------------
 
 
-def best_times(cases, repeats):
-    """Best-of-`repeats` seconds per case, the cases interleaved round by round so that drift in
-    the machine's speed (other load, clocks) falls on all of them alike."""
-    for fn in cases.values():
-        fn()  # warm-up: first-call allocations, thread pools, gradient graphs
-    best = {name: float("inf") for name in cases}
-    for _ in range(repeats):
+def best_times(cases, repeats, budget=math.inf, warm=()):
+    """Best-of seconds per case and each case's last output. The cases are interleaved round by
+    round so that drift in the machine's speed (other load, clocks) falls on all of them alike.
+    Each case not in `warm` is called once untimed first (first-call allocations, thread pools,
+    gradient graphs). Rounds stop at `repeats`, or where another would pass `budget` seconds in all
+    (at least one round)."""
+    outputs = {name: fn() for name, fn in cases.items() if name not in warm}
+    best = {name: math.inf for name in cases}
+    spent = 0.0
+    for done in range(1, repeats + 1):
+        round_start = time.perf_counter()
         for name, fn in cases.items():
             start = time.perf_counter()
-            fn()
+            outputs[name] = fn()
             best[name] = min(best[name], time.perf_counter() - start)
-    return best
+        spent += time.perf_counter() - round_start
+        if spent * (done + 1) / done > budget:
+            break
+    return best, outputs
 
 
-def plain_loop(model, x, target, n, sigma, batch):
-    """What a careful user writes by hand: batched noisy copies, gradient of the target logit."""
-    xt = torch.from_numpy(x)
-    total = torch.zeros(x.shape[2:])
+def fastest_batch(make, n):
+    """A reference's fastest batch size for work of n samples: make(batch, samples) is its call.
+    Each candidate (BATCH_SIZES below n, and n: all at once) runs twice, the faster run kept, on about
+    n/5 samples (whole batches; at least 2 samples, as Captum's Riemann sums need 2 steps) rather than
+    all n, so that the search costs about four runs of the work instead of two per candidate.
+    Returns (batch, {batch: seconds per sample})."""
+    per_sample = {}
+    for b in sorted({b for b in BATCH_SIZES if b < n} | {n}):
+        samples = b * math.ceil(max(2, n / 5) / b)
+        seconds, _ = best_times({b: make(b, samples)}, repeats=2, warm={b})
+        per_sample[b] = seconds[b] / samples
+    return min(per_sample, key=per_sample.get), per_sample
+
+
+def correlation(a, b):
+    a, b = as_array(a).ravel(), as_array(b).ravel()
+    if a.size != b.size:
+        raise ValueError(f"maps of {a.size} and {b.size} values: the pairing compares different work")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def as_array(out):
+    """A map as float64 numpy, from numpy, a torch tensor or torch-cam's list of tensors (one per layer)."""
+    if isinstance(out, list):
+        out = out[0]
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    return np.asarray(out, dtype=np.float64)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def _efficientnet_lite0():
+    return models.load("efficientnet-lite0")
+
+
+def _resnet50():
+    import torchvision
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None).eval()
+
+
+@dataclass
+class ModelSpec:
+    build: Callable[[], torch.nn.Module]   # a fresh module in eval mode, the same weights every call
+    preset: str
+    # The module the references hook, where the torch backend's default layer runs more than once per
+    # forward: ResNet's Bottleneck calls its one ReLU module three times, and pytorch-grad-cam would
+    # record the first call (512 channels, after bn1); the block returns the tensor multisal captures.
+    reference_layer: Optional[str] = None
+
+
+MODELS = {
+    "efficientnet-lite0": ModelSpec(_efficientnet_lite0, "efficientnet-lite"),
+    "resnet50": ModelSpec(_resnet50, "torchvision-imagenet", reference_layer="layer4.2"),
+}
+
+
+@dataclass
+class Setup:
+    """One model, its input and everything a work needs, built once per model."""
+    name: str
+    x: np.ndarray                      # (1,3,224,224) in model space
+    target: int
+    sigma: float
+    n: int
+    backends: dict                     # "torch" / "onnx" -> multisal backend
+    layers: dict                       # backend name -> its name of the CAM layer
+    ref: torch.nn.Module               # the references' own copy of the model
+    ref_layer: str
+    frozen: bool                       # the references' parameters are frozen
+    xt: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.xt = torch.from_numpy(self.x)
+
+    @property
+    def ref_module(self):
+        return self.ref.get_submodule(self.ref_layer)
+
+    def grad_input(self):
+        """The input for libraries that differentiate from wherever the graph starts (pytorch-grad-cam):
+        with frozen parameters the graph must start at the input."""
+        return self.xt.clone().requires_grad_(self.frozen)
+
+
+def export_onnx(net, path):
+    """The module exported with torch's dynamo exporter and a free batch axis (as models.export_onnx)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=True, input_names=["input"],
+                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N")},), verbose=False)
+    return path
+
+
+def build_setup(name, n, plain_references, tmp):
+    spec = MODELS[name]
+    preset = ms.get_preset(spec.preset)
+    x = preset.apply(demo_photos()["chelsea"], size=(224, 224))
+    bt = ms.load_backend("torch", model=spec.build(), preset=preset)
+    bo = ms.load_backend("onnx", model=str(export_onnx(spec.build(), Path(tmp) / f"{name}.onnx")),
+                         cache_dir=tmp, preset=preset)
+    ref = spec.build()
+    if not plain_references:
+        ref.requires_grad_(False)
+        if bt.channels_last:
+            ref.to(memory_format=torch.channels_last)
+    lo, hi = preset.value_range
+    layer = bt.default_layer(x.shape[1:])
+    return Setup(name=name, x=x, target=int(bt.predict(x).argmax()), sigma=NOISE_LEVEL * (hi - lo), n=n,
+                 backends={"torch": bt, "onnx": bo}, layers={"torch": layer, "onnx": bo.default_layer(x.shape[1:])},
+                 ref=ref, ref_layer=spec.reference_layer or layer, frozen=not plain_references)
+
+
+def check_no_hooks(net):
+    """Fail if a reference library left a hook on the model (it would slow every later case)."""
+    hooked = [name or "<model>" for name, m in net.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        raise RuntimeError(f"hooks left on {', '.join(hooked[:5])}")
+
+
+# ---- works: what each reference does, and the multisal call that does the same ---------------------
+
+
+@dataclass
+class Pairing:
+    reference: str                     # label, with the batch size where one was tuned
+    run: Callable[[], object]          # the reference's call for the whole work; returns its map
+    multisal: dict                     # keywords of the multisal call doing the same work
+    aim: float = 1.0                   # multisal / reference at most this
+    tuning: Optional[dict] = None      # {batch: seconds per sample} where the batch size was tuned
+
+
+@dataclass
+class Work:
+    title: str
+    method: Callable
+    pairings: list
+    cam: bool = False                  # takes a layer (each backend gets its own name for it)
+    onnx_aim: Optional[float] = None   # onnx backend / torch backend at most this
+    noisy: bool = False                # its result depends on the noise drawn (multisal's `seed`)
+
+
+def tuned(label, make, n, multisal, aim=1.0):
+    """A pairing whose reference runs at its fastest batch size (fastest_batch)."""
+    batch, per_sample = fastest_batch(make, n)
+    return Pairing(f"{label} (batch {batch})", make(batch, n), multisal, aim=aim, tuning=per_sample)
+
+
+def plain_loop(net, xt, target, n, sigma, batch):
+    """What a careful user writes by hand: batched noisy copies, gradient of the target logit, mean |g|."""
+    total = torch.zeros(xt.shape[1:])
     for start in range(0, n, batch):
         k = min(batch, n - start)
-        noisy = (xt + sigma * torch.randn(k, *x.shape[1:])).requires_grad_(True)
-        out = model(noisy)
-        (g,) = torch.autograd.grad(out[:, target].sum(), noisy)
-        total += g.abs().amax(dim=1).sum(0)
+        noisy = (xt + sigma * torch.randn(k, *xt.shape[1:])).requires_grad_(True)
+        (g,) = torch.autograd.grad(net(noisy)[:, target].sum(), noisy)
+        total += g.abs().sum(0)
     return total / n
 
 
-def report(title, seconds, ratios, aims=""):
-    print(f"\n{title}")
-    for name, s in seconds.items():
-        print(f"  {name:36s} {s:7.3f} s")
-    for name, r in ratios.items():
-        print(f"  {name:36s} {r:7.2f}x")
-    if aims:
-        print(f"  (lower is better; aims: {aims})")
+def vanilla_gradient_work(s):
+    from captum.attr import Saliency
+    return Work("vanilla gradient", ms.vanilla_gradient, [
+        Pairing("captum Saliency", lambda: Saliency(s.ref).attribute(s.xt, target=s.target, abs=True),
+                {"channel_reduce": None})])
 
 
-def bench_smoothgrad_torch(ctx, repeats):
+def smoothgrad_work(s):
     from captum.attr import NoiseTunnel, Saliency
-
-    be, net, x, target, sigma, n = ctx["torch"], ctx["net"], ctx["x"], ctx["target"], ctx["sigma"], ctx["n"]
-    nt = NoiseTunnel(Saliency(net))
-    xt = torch.from_numpy(x)
-    cases = {"multisal torch": lambda: ms.smoothgrad(be, x, target, n=n, sigma=sigma)}
-    for b in BATCH_SIZES:
-        cases[f"captum NoiseTunnel batch {b}"] = lambda b=b: nt.attribute(
-            xt, nt_type="smoothgrad", nt_samples=n, stdevs=sigma, target=target, nt_samples_batch_size=b)
-        cases[f"plain torch loop batch {b}"] = lambda b=b: plain_loop(net, x, target, n, sigma, b)
-    seconds = best_times(cases, repeats)
-    captum = min(v for k, v in seconds.items() if k.startswith("captum"))
-    plain = min(v for k, v in seconds.items() if k.startswith("plain"))
-    ratios = {"multisal torch / captum (best batch)": seconds["multisal torch"] / captum,
-              "multisal torch / plain loop (best batch)": seconds["multisal torch"] / plain}
-    report(f"SmoothGrad n={n}, torch backend (batch {be.batch_size(x.shape[1:])})", seconds, ratios,
-           "<= 1.00x captum, <= 1.05x plain loop")
-    return {"seconds": seconds, "ratios": ratios}
+    nt = NoiseTunnel(Saliency(s.ref))
+    same = {"n": s.n, "sigma": s.sigma, "channel_reduce": None}
+    return Work(f"SmoothGrad n={s.n}", ms.smoothgrad, [
+        tuned("captum NoiseTunnel", lambda b, k: lambda: nt.attribute(
+            s.xt, nt_type="smoothgrad", nt_samples=k, nt_samples_batch_size=b, stdevs=s.sigma, target=s.target),
+            s.n, same),
+        tuned("plain torch loop", lambda b, k: lambda: plain_loop(s.ref, s.xt, s.target, k, s.sigma, b),
+              s.n, same, aim=1.05),
+    ], onnx_aim=0.4, noisy=True)
 
 
-def bench_onnx(ctx, repeats):
-    from captum.attr import NoiseTunnel, Saliency
-    from pytorch_grad_cam import GradCAMPlusPlus
+def integrated_gradients_work(s):
+    from captum.attr import IntegratedGradients
+    ig = IntegratedGradients(s.ref)
+    # Captum's default is Gauss-Legendre; both take the paper's right Riemann sum here.
+    return Work(f"Integrated Gradients {s.n} steps", ms.integrated_gradients, [
+        tuned("captum IntegratedGradients", lambda b, k: lambda: ig.attribute(
+            s.xt, target=s.target, n_steps=k, method="riemann_right", internal_batch_size=b),
+            s.n, {"steps": s.n, "method": "riemann_right"})])
+
+
+def _pytorch_grad_cam(cam_class, s):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    targets = [ClassifierOutputTarget(s.target)]
 
-    bt, net, x, target, sigma, n = ctx["torch"], ctx["net"], ctx["x"], ctx["target"], ctx["sigma"], ctx["n"]
+    def run():
+        with cam_class(model=s.ref, target_layers=[s.ref_module]) as cam:
+            return cam(input_tensor=s.grad_input(), targets=targets)
+    return run
+
+
+def gradcam_work(s):
+    from captum.attr import LayerGradCam
+    from pytorch_grad_cam import GradCAM
+    lgc = LayerGradCam(s.ref, s.ref_module)
+    return Work("Grad-CAM", ms.gradcam, [
+        Pairing("captum LayerGradCam", lambda: lgc.attribute(s.xt, target=s.target, relu_attributions=True),
+                {"upsample": False, "normalize": False}),
+        Pairing("pytorch-grad-cam GradCAM", _pytorch_grad_cam(GradCAM, s), {})], cam=True)
+
+
+def gradcam_pp_work(s):
+    from pytorch_grad_cam import GradCAMPlusPlus
+    # pytorch-grad-cam adds 1e-6 to alpha's denominator; multisal takes the same eps (same cost).
+    return Work("Grad-CAM++", ms.gradcam_pp, [
+        Pairing("pytorch-grad-cam GradCAMPlusPlus", _pytorch_grad_cam(GradCAMPlusPlus, s), {"eps": 1e-6})], cam=True)
+
+
+def smooth_gradcam_pp_work(s):
+    from torchcam.methods import SmoothGradCAMpp
+
+    def run():
+        with SmoothGradCAMpp(s.ref, s.ref_layer, num_samples=s.n, std=s.sigma, input_shape=s.x.shape[1:]) as cam:
+            with torch.no_grad():   # the clean pass gives A only; torch-cam's noisy passes make their own graphs
+                s.ref(s.xt)
+            return cam(class_idx=s.target)
+    # torch-cam's maps are at layer resolution, scaled to [0,1].
+    return Work(f"Smooth Grad-CAM++ n={s.n}", ms.smooth_gradcam_pp, [
+        Pairing("torch-cam SmoothGradCAMpp", run, {"n": s.n, "sigma": s.sigma, "upsample": False})],
+        cam=True, noisy=True)
+
+
+WORKS = {
+    "vanilla_gradient": vanilla_gradient_work,
+    "smoothgrad": smoothgrad_work,
+    "integrated_gradients": integrated_gradients_work,
+    "gradcam": gradcam_work,
+    "gradcam_pp": gradcam_pp_work,
+    "smooth_gradcam_pp": smooth_gradcam_pp_work,
+}
+
+
+def multisal_label(backend, kwargs):
+    shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("n", "sigma", "steps"))
+    return f"multisal {backend}" + (f" ({shown})" if shown else "")
+
+
+def run_work(s, work, repeats, budget):
+    """Time one work's cases side by side; one row per pairing."""
+    calls = {}   # label -> (backend, keywords) of each distinct multisal call
+    for p in work.pairings:
+        for backend in BACKENDS:
+            kwargs = {**p.multisal, **({"layer": s.layers[backend]} if work.cam else {})}
+            calls[multisal_label(backend, p.multisal)] = (s.backends[backend], kwargs)
+    cases = {label: (lambda be=be, kw=kw: work.method(be, s.x, s.target, **kw)) for label, (be, kw) in calls.items()}
+    cases.update({p.reference: p.run for p in work.pairings})
+    # A tuned reference is warm: its tuning ran it at that batch size.
+    seconds, outputs = best_times(cases, repeats, budget,
+                                  warm={p.reference for p in work.pairings if p.tuning is not None})
+    check_no_hooks(s.ref)
+    rows, self_corr = [], {}
+    for p in work.pairings:
+        mt, mo = (multisal_label(b, p.multisal) for b in BACKENDS)
+        ref = seconds[p.reference]
+        # Where the noise differs, two runs of the same work correlate only so far: multisal against
+        # itself with another seed shows how far, which a reference doing the same work should reach.
+        if work.noisy and mt not in self_corr:
+            be, kwargs = calls[mt]
+            self_corr[mt] = correlation(outputs[mt], work.method(be, s.x, s.target, seed=1, **kwargs))
+        rows.append({"reference": p.reference, "multisal": p.multisal, "reference_s": ref,
+                     "torch_s": seconds[mt], "onnx_s": seconds[mo],
+                     "torch/ref": seconds[mt] / ref, "onnx/ref": seconds[mo] / ref,
+                     "onnx/torch": seconds[mo] / seconds[mt], "aim": p.aim, "onnx_aim": work.onnx_aim,
+                     "corr": correlation(outputs[mt], outputs[p.reference]), "corr_self": self_corr.get(mt),
+                     "corr_onnx": correlation(outputs[mo], outputs[mt])})
+    return {"title": work.title, "seconds": seconds, "rows": rows,
+            "tuning": {p.reference: p.tuning for p in work.pairings if p.tuning is not None}}
+
+
+def misses(work):
+    """The ratios of a work's rows that miss their aims, as text."""
+    found = []
+    for row in work["rows"]:
+        for key in ("torch/ref", "onnx/ref"):
+            if row[key] > row["aim"]:
+                found.append(f"{work['title']}: {key} {row['reference']} {row[key]:.3f}x > {row['aim']:.2f}x")
+        if row["onnx_aim"] is not None and row["onnx/torch"] > row["onnx_aim"]:
+            found.append(f"{work['title']}: onnx/torch {row['onnx/torch']:.3f}x > {row['onnx_aim']:.2f}x")
+    return list(dict.fromkeys(found))   # pairings sharing one multisal call share its onnx/torch ratio
+
+
+def print_table(s, works):
+    bt, bo = s.backends["torch"], s.backends["onnx"]
+    shape = s.x.shape[1:]
+    print(f"\n{s.name} 224x224, target class {s.target}, CAM layer {s.layers['torch']!r} "
+          f"(references: {s.ref_layer!r}, onnx: {s.layers['onnx']!r}); multisal batch: torch "
+          f"{bt.batch_size(shape)}, onnx {bo.batch_size(shape)}")
+    head = (f"  {'work':30s} {'reference':38s} {'ref s':>8s} {'torch s':>8s} {'onnx s':>8s} "
+            f"{'torch/ref':>9s} {'onnx/ref':>9s} {'onnx/torch':>10s} {'corr':>6s} {'self':>6s} {'corr onnx':>9s}")
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+
+    def ratio(value, aim, width):
+        return f"{value:.2f}x{'*' if aim is not None and value > aim else ' '}".rjust(width)
+
+    for work in works.values():
+        for i, row in enumerate(work["rows"]):
+            title = work["title"] if i == 0 else ""
+            corr_self = "-" if row["corr_self"] is None else f"{row['corr_self']:.3f}"
+            print(f"  {title:30s} {row['reference']:38s} {row['reference_s']:8.3f} {row['torch_s']:8.3f} "
+                  f"{row['onnx_s']:8.3f} {ratio(row['torch/ref'], row['aim'], 9)} "
+                  f"{ratio(row['onnx/ref'], row['aim'], 9)} {ratio(row['onnx/torch'], row['onnx_aim'], 10)} "
+                  f"{row['corr']:6.3f} {corr_self:>6s} {row['corr_onnx']:9.4f}")
+    print("  seconds: best of the rounds; ratio < 1: multisal faster; * misses its aim (multisal/reference <= 1.00x,\n"
+          "  <= 1.05x the plain loop, SmoothGrad onnx/torch <= 0.40x). corr: the reference's output against multisal\n"
+          "  torch's; self: multisal torch's against itself with another seed; corr onnx: onnx against torch backend")
+
+
+# ---- sections -------------------------------------------------------------------------------------
+
+SECTIONS = {}
+
+
+def section(name):
+    """Register a section: fn(args) prints its results and returns what the JSON record keeps."""
+    def register(fn):
+        SECTIONS[name] = fn
+        return fn
+    return register
+
+
+@section("compare")
+def compare(args):
+    """Methods x backends x reference libraries on the same work (issue 6)."""
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        bo = ms.load_backend("onnx", model=str(models.export_onnx("efficientnet-lite0", cache_dir=tmp)),
-                             cache_dir=tmp, preset=ctx["preset"])
-        nt = NoiseTunnel(Saliency(net))
-        xt = torch.from_numpy(x)
-        best_nt = ctx["captum_best_batch"]
-        gcpp = GradCAMPlusPlus(model=net, target_layers=[net._relu_head])
-        cases = {
-            "smoothgrad onnx": lambda: ms.smoothgrad(bo, x, target, n=n, sigma=sigma),
-            "smoothgrad torch": lambda: ms.smoothgrad(bt, x, target, n=n, sigma=sigma),
-            f"smoothgrad captum batch {best_nt}": lambda: nt.attribute(
-                xt, nt_type="smoothgrad", nt_samples=n, stdevs=sigma, target=target, nt_samples_batch_size=best_nt),
-            "gradcam_pp onnx": lambda: ms.gradcam_pp(bo, x, target),
-            "gradcam_pp torch": lambda: ms.gradcam_pp(bt, x, target),
-            "gradcam_pp pytorch-grad-cam": lambda: gcpp(input_tensor=xt, targets=[ClassifierOutputTarget(target)]),
-        }
-        seconds = best_times(cases, repeats)
-    ratios = {"smoothgrad onnx / torch backend": seconds["smoothgrad onnx"] / seconds["smoothgrad torch"],
-              "smoothgrad onnx / captum": seconds["smoothgrad onnx"] / seconds[f"smoothgrad captum batch {best_nt}"],
-              "gradcam_pp onnx / torch backend": seconds["gradcam_pp onnx"] / seconds["gradcam_pp torch"],
-              "gradcam_pp onnx / pytorch-grad-cam": seconds["gradcam_pp onnx"] / seconds["gradcam_pp pytorch-grad-cam"]}
-    report(f"ONNX backend (batch {bo.batch_size(x.shape[1:])}): SmoothGrad n={n} and Grad-CAM++", seconds, ratios,
-           "smoothgrad onnx <= 0.4x torch backend")
-    return {"seconds": seconds, "ratios": ratios}
+        for name in args.models:
+            start = time.perf_counter()
+            s = build_setup(name, args.n, args.plain_references, tmp)
+            works = {w: run_work(s, WORKS[w](s), args.repeats, args.budget) for w in args.works}
+            print_table(s, works)
+            missed = [m for w in works.values() for m in misses(w)]
+            for m in missed:
+                print(f"  missed: {m}")
+            wall = time.perf_counter() - start
+            print(f"  ({wall:.0f} s for {name}, export, gradient graphs and batch-size searches included)")
+            results[name] = {"target": s.target, "layers": s.layers, "reference_layer": s.ref_layer, "sigma": s.sigma,
+                             "batch": {b: be.batch_size(s.x.shape[1:]) for b, be in s.backends.items()},
+                             "works": works, "missed": missed, "wall_s": wall}
+    return results
+
+
+def subset(choices):
+    def parse(text):
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(choices)}")
+        return items
+    return parse
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=50, help="SmoothGrad samples (default 50)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case; the best is kept")
+    parser.add_argument("--sections", type=subset(SECTIONS), default=list(SECTIONS),
+                        help=f"comma-separated, default all: {','.join(SECTIONS)}")
+    parser.add_argument("--models", type=subset(MODELS), default=list(MODELS),
+                        help=f"comma-separated, default all: {','.join(MODELS)}")
+    parser.add_argument("--works", type=subset(WORKS), default=list(WORKS),
+                        help=f"comma-separated, default all: {','.join(WORKS)}")
+    parser.add_argument("--n", type=int, default=50,
+                        help="samples of SmoothGrad and Smooth Grad-CAM++, steps of Integrated Gradients (default 50)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per work, the best kept (default 3)")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="fewer rounds where a work's rounds would take longer than this, in seconds (default 60)")
+    parser.add_argument("--plain-references", action="store_true",
+                        help="give the references the model as loaded (parameters requiring grad, NCHW) instead "
+                             "of frozen parameters in the torch backend's memory layout")
     parser.add_argument("--json", default="out/bench/bench.json", help="where to save the results")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", module=r"captum\.")   # "Input Tensor 0 did not already require gradients"
 
-    preset = ms.get_preset(models.preset_for("efficientnet-lite0"))
-    be = ms.load_backend("torch", model=models.load("efficientnet-lite0"), preset=preset)
-    x = preset.apply(demo_photos()["chelsea"])
-    lo, hi = preset.value_range
-    ctx = {"preset": preset, "torch": be, "x": x, "target": int(be.predict(x).argmax()), "sigma": 0.15 * (hi - lo),
-           "n": args.n,
-           # The references get a model of their own: the backend may change its model's memory layout.
-           "net": models.load("efficientnet-lite0")}
-    print(f"EfficientNet-Lite0 224x224, CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    results = {"smoothgrad_torch": bench_smoothgrad_torch(ctx, args.repeats)}
-    captum = {k: v for k, v in results["smoothgrad_torch"]["seconds"].items() if k.startswith("captum")}
-    ctx["captum_best_batch"] = int(min(captum, key=captum.get).rsplit(" ", 1)[1])
-    results["onnx"] = bench_onnx(ctx, args.repeats)
+    start = time.perf_counter()
+    print(f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    results = {name: SECTIONS[name](args) for name in args.sections}
     record = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "date": time.strftime("%Y-%m-%d")}, "n": args.n, "results": results}
+                          "date": time.strftime("%Y-%m-%d")},
+              "options": {k: v for k, v in vars(args).items() if k != "json"},
+              "results": results, "wall_s": time.perf_counter() - start}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
-    print(f"\nsaved {path}")
+    print(f"\n{time.perf_counter() - start:.0f} s in all; saved {path}")
 
 
 if __name__ == "__main__":
