@@ -5,7 +5,7 @@ Sections (--sections, default all) are registered in SECTIONS; each prints its o
 returns what goes under its name in the JSON record (--json). A new section is one function
 decorated with @section("name").
 
-"compare" (issue 6): methods x backends x reference libraries, on the CPU at 224x224, one real
+"compare": methods x backends x reference libraries, on the CPU at 224x224, one real
 photo (scikit-image's chelsea) preprocessed with the model's preset, the model's argmax class as
 target, for EfficientNet-Lite0 (real ImageNet weights) and ResNet-50 (random weights, seeded).
 multisal runs on the torch backend and on the onnx backend (the model exported to ONNX). Each
@@ -38,6 +38,16 @@ at its fastest of BATCH_SIZES and "all at once"; torch-cam's clean pass under no
 pytorch-grad-cam and torch-cam extractors opened and closed within each call, so that no hook is
 left on the model (checked after every work).
 
+"batch": `multisal batch` (EfficientNet-Lite0; vanilla gradient, Grad-CAM++, SmoothGrad n=10) over
+--batch-images distinct photos (crops of scikit-image's) on each engine, in a child process: images
+per second, wall time including set-up (on ray: starting a local cluster of this machine's CPUs and
+one actor per CPU); then the local engine's peak RSS on jobs of --memory-images images (issue 6
+aims at the largest within 10% of the smallest).
+
+"adaptive": SmoothGrad n="auto" on the scikit-image photos with EfficientNet-Lite0: the samples it
+used, how far its map is from n=100's (the same noise stream, so the first k samples are shared),
+and the fewest samples after which the running mean stays within the tolerance of n=100's map.
+
 Timings are the best of --repeats rounds, the cases of a work interleaved round by round; fewer
 rounds where they would pass --budget seconds. "corr" is the Pearson correlation of a reference's
 output with multisal's torch backend's, "corr onnx" that of the onnx backend's with the torch
@@ -52,6 +62,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -448,6 +459,122 @@ def compare(args):
     return results
 
 
+# ---- the batch job: images per second per engine, memory as the job grows ---------------------
+BATCH_JOB = {"model": "efficientnet-lite0", "methods": ["vanilla_gradient", "gradcam_pp", "smoothgrad"],
+             "smoothgrad": {"n": 10}}
+# Run in a child process, so that its peak RSS is the job's alone: VmHWM, as Linux carries
+# getrusage's ru_maxrss over from the forking parent across exec.
+JOB_SCRIPT = """
+import json, re, sys
+import multisal as ms
+run = ms.run_batch(json.loads(sys.argv[1]), progress=False)
+peak = int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1))
+print(json.dumps({"seconds": run.seconds, "failed": len(run.failed), "peak_rss_mib": peak / 1024}))
+"""
+
+
+def photo_set(folder, count, size=256):
+    """`count` distinct JPEG photos: random crops of scikit-image's bundled photos."""
+    import cv2
+    import skimage.data
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        photo = sources[i % len(sources)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = cv2.resize(photo[top:top + side, left:left + side], (size, size), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(folder / f"photo{i:05d}.jpg"), crop[:, :, ::-1])
+    return folder
+
+
+def run_job(config):
+    done = subprocess.run([sys.executable, "-c", JOB_SCRIPT, json.dumps(config)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"batch job failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- adaptive SmoothGrad ---------------------------------------------------------------------
+def adaptive_smoothgrad(be, photos, tol=0.05, n_ref=100):
+    """Per photo: the samples n="auto" used, and the fewest samples whose map is within `tol` of
+    the n=100 map for good (relative L2 of the max-scaled maps; the same noise stream, so the map
+    after k samples is smoothgrad(n=k))."""
+    from multisal.explain import smoothgrad_progression
+    rows = []
+    for name, x in photos.items():
+        stats = {}
+        auto = ms.smoothgrad(be, x, n="auto", tol=tol, stats=stats)[0]
+        target = int(be.predict(x)[0].argmax())   # what target=None explains
+        maps = smoothgrad_progression(be, x, target, {}, checkpoints=tuple(range(1, n_ref + 1)))
+        scaled = maps / np.abs(maps).reshape(len(maps), -1).max(axis=1)[:, None, None]
+        dist = np.linalg.norm((scaled - scaled[-1]).reshape(len(maps), -1), axis=1) / np.linalg.norm(scaled[-1])
+        within = int(np.flatnonzero(dist > tol).max() + 2) if (dist > tol).any() else 1
+        used = int(stats["samples"][0])
+        ref = scaled[-1]
+        auto_dist = float(np.linalg.norm(auto / np.abs(auto).max() - ref) / np.linalg.norm(ref))
+        rows.append({"photo": name, "auto_samples": used, "auto_vs_n100": round(auto_dist, 4),
+                     "samples_to_n100_within_tol": within})
+    return rows
+
+
+@section("batch")
+def batch_job(args):
+    """Images per second of `multisal batch` per engine, and its peak memory as the job grows."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        photos = photo_set(tmp / "photos", max(args.batch_images, args.memory_images[-1]))
+        listing = sorted(str(p) for p in photos.iterdir())
+        print(f"\nbatch job: EfficientNet-Lite0 224x224, {', '.join(BATCH_JOB['methods'])} "
+              f"(SmoothGrad n={BATCH_JOB['smoothgrad']['n']}), photos {photos}")
+        engines = {"local": {"name": "local"},
+                   "ray": {"name": "ray", "num_cpus": os.cpu_count(), "cpus_per_actor": 1}}
+        print(f"  {'engine':8s} {'images':>7s} {'seconds':>8s} {'images/s':>9s}")
+        for engine, table in engines.items():
+            listed = tmp / f"{engine}.txt"
+            listed.write_text("\n".join(listing[:args.batch_images]))
+            job = run_job({**BATCH_JOB, "inputs": [str(listed)], "output": str(tmp / f"out-{engine}"),
+                           "engine": table})
+            rate = args.batch_images / job["seconds"]
+            print(f"  {engine:8s} {args.batch_images:7d} {job['seconds']:8.1f} {rate:9.2f}")
+            results[engine] = {"images": args.batch_images, "seconds": job["seconds"], "images_per_s": rate,
+                               "failed": job["failed"]}
+        memory = {}
+        cheap = {**BATCH_JOB, "methods": ["vanilla_gradient", "gradcam_pp"]}
+        print(f"  peak RSS of the local engine ({', '.join(cheap['methods'])}):")
+        for count in args.memory_images:
+            listed = tmp / f"memory-{count}.txt"
+            listed.write_text("\n".join(listing[:count]))
+            job = run_job({**cheap, "inputs": [str(listed)], "output": str(tmp / f"memory-{count}")})
+            memory[count] = job
+            print(f"  {count:6d} images: {job['peak_rss_mib']:7.0f} MiB, {job['seconds']:6.1f} s")
+        small, large = (memory[c]["peak_rss_mib"] for c in (args.memory_images[0], args.memory_images[-1]))
+        print(f"  {args.memory_images[-1]} against {args.memory_images[0]} images: {large / small:.3f}x the peak RSS "
+              f"(aim: within 10%)")
+        results["memory"] = {"runs": memory, "ratio": large / small}
+    return results
+
+
+@section("adaptive")
+def adaptive(args):
+    """How many samples n="auto" takes on the scikit-image photos with EfficientNet-Lite0."""
+    net = models.load("efficientnet-lite0")
+    be = ms.load_backend("torch", model=net, preset="efficientnet-lite")
+    pre = ms.get_preset("efficientnet-lite")
+    photos = {name: pre.apply(rgb) for name, rgb in demo_photos().items()}
+    tol = 0.05
+    rows = adaptive_smoothgrad(be, photos, tol=tol)
+    print(f"\nadaptive SmoothGrad (n=\"auto\", tol={tol}: relative L2 change of the max-scaled running mean over "
+          f"the last 10 samples), EfficientNet-Lite0:")
+    print(f"  {'photo':12s} {'auto used':>9s} {'auto vs n=100':>14s} {'samples to stay within tol of n=100':>36s}")
+    for r in rows:
+        print(f"  {r['photo']:12s} {r['auto_samples']:9d} {r['auto_vs_n100']:14.3f} {r['samples_to_n100_within_tol']:36d}")
+    return {"tol": tol, "photos": rows}
+
+
 def subset(choices):
     def parse(text):
         items = [t for t in text.split(",") if t]
@@ -474,6 +601,9 @@ def main(argv=None):
     parser.add_argument("--plain-references", action="store_true",
                         help="give the references the model as loaded (parameters requiring grad, NCHW) instead "
                              "of frozen parameters in the torch backend's memory layout")
+    parser.add_argument("--batch-images", type=int, default=64, help="images of the batch section's engine runs (64)")
+    parser.add_argument("--memory-images", type=lambda t: sorted(int(v) for v in t.split(",")), default=[100, 1000],
+                        help="job sizes whose peak RSS the batch section compares (default 100,1000)")
     parser.add_argument("--json", default="out/bench/bench.json", help="where to save the results")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module=r"captum\.")   # "Input Tensor 0 did not already require gradients"
