@@ -91,7 +91,8 @@ class Manifest:
         """Replace the file atomically by one line per record (in `order` of inputs, where given)."""
         self.close()
         keys = [k for k in (order or []) if k in self.records]
-        keys += [k for k in self.records if k not in set(keys)]
+        listed = set(keys)
+        keys += [k for k in self.records if k not in listed]
         text = "".join(json.dumps(self.records[k], ensure_ascii=False) + "\n" for k in keys)
         write_atomic(self.path, text.encode("utf-8"))
 
@@ -144,7 +145,8 @@ def _run(config, overrides, progress, resume) -> ExplainRun:
     config_text = dump_toml(cfg, header="The resolved configuration of this run; "
                                         "`multisal batch --config config.toml` resumes it.")
     write_atomic(out / "config.toml", config_text.encode("utf-8"))
-    manifest.records = {k: v for k, v in previous.items() if k not in set(pending)}
+    redo = set(pending)
+    manifest.records = {k: v for k, v in previous.items() if k not in redo}
     manifest.rewrite(sources)
     for source in pending:                     # a half-written folder from a killed run starts over
         shutil.rmtree(out / folders[source], ignore_errors=True)
