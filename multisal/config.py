@@ -160,7 +160,7 @@ RUN_OWNED = {
 }
 
 BACKEND_TABLES = {
-    "torch": {"device": TEXT, "memory_budget": MEMORY, "channels_last": BOOLEAN},
+    "torch": {"device": TEXT, "memory_budget": MEMORY, "channels_last": BOOLEAN, "fold_batchnorm": BOOLEAN},
     "onnx": {"providers": text_list("a list of onnxruntime provider names"), "threads": integer(1),
              "cache_dir": TEXT, "memory_budget": integer(1)},
     "chainer": {"device": TEXT, "memory_budget": MEMORY, "output": TEXT},

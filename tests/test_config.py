@@ -129,9 +129,9 @@ def test_chainer_example_without_chainer_names_what_to_install():
 
 def test_load_backend_from_a_dict_or_a_file(tmp_path):
     import numpy as np
-    be = ms.load_backend(dict(TINY, torch={"channels_last": False}))
+    be = ms.load_backend(dict(TINY, torch={"channels_last": False, "fold_batchnorm": False}))
     assert be.name == "torch" and be.preset.name == "raw" and be.preset.size == (32, 32)
-    assert be.channels_last is False
+    assert be.channels_last is False and be.fold_batchnorm is False
     path = tmp_path / "tiny.toml"
     path.write_text(dump_toml(load_config(TINY)))
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)

@@ -28,7 +28,10 @@ def effnet_onnx(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backends(effnet_onnx, tmp_path_factory):
     pre = ms.get_preset("efficientnet-lite")
-    bt = ms.load_backend("torch", model=models.load("efficientnet-lite0"), preset=pre)
+    # The torch model as written, as it was exported: folding BatchNorm (the torch backend's default)
+    # moves float32 rounding, and one ReLU6 kink falling the other way on chelsea moves the gradient by
+    # 2e-3 (relative L2), past DESIGN's bound. All three are as far from float64 (test_torch_backend.py).
+    bt = ms.load_backend("torch", model=models.load("efficientnet-lite0"), preset=pre, fold_batchnorm=False)
     bo = ms.load_backend("onnx", model=str(effnet_onnx), preset=pre, cache_dir=tmp_path_factory.mktemp("cache"))
     photos = demo_photos()
     x = pre.apply([photos["chelsea"], photos["coffee"]])

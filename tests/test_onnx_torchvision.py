@@ -190,7 +190,8 @@ class Family:
         torch.manual_seed(0)
         self.net = factory().eval()
         self.x = torch.randn(2, 3, size, size).numpy()
-        self.backend = ms.load_backend("torch", model=self.net)
+        # Unfolded, as exported (see test_onnx_backend.py's fixture).
+        self.backend = ms.load_backend("torch", model=self.net, fold_batchnorm=False)
         self.layer = layer[0] if layer else self.backend.default_layer(self.x.shape[1:])
         self.result = self.backend.run(self.x, "logit", TARGET, layers=[self.layer], input_grad=True)
         # A zero gradient would make every comparison below vacuous.
