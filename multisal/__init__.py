@@ -7,6 +7,7 @@ from .config import ConfigError, load_config
 from .errors import MissingFrameworkError, MultisalError
 from .batch import ExplainRun, run_batch, run_explain
 from .explain import Job
+from .malloc import tune_malloc
 from .methods.cam import gradcam, gradcam_pp, smooth_gradcam_pp
 from .methods.class_visualization import class_visualization
 from .methods.fooling import fooling_image
@@ -42,7 +43,7 @@ METHODS = {
 
 __all__ = [
     "Backend", "Result", "load_backend", "export_gradient_graph", "MultisalError", "get_preset", "Preset", "region", "Region",
-    "load_config", "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun",
+    "load_config", "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc",
     "OBJECTIVES", "METHODS", "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam",
     "gradcam_pp", "smooth_gradcam_pp", "fooling_image", "class_visualization", "segment",
 ]

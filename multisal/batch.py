@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, dump_toml, load_config, read_toml, validate
 from .explain import Job, expand_inputs, folder_names
+from .malloc import tune_malloc
 from .render import write_atomic
 
 # Keys a resumed run may change: the inputs (a job may grow) and how the work is spread.
@@ -125,6 +126,7 @@ def run_explain(config=None, overrides=None, progress=None) -> ExplainRun:
 
 def _run(config, overrides, progress, resume) -> ExplainRun:
     from .report import write_report
+    tune_malloc()   # a job owns its process (multisal/malloc.py)
     cfg = load_config(config, overrides)
     sources = list(dict.fromkeys(expand_inputs(cfg["inputs"])))   # an input listed twice is explained once
     if not sources:

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .errors import MultisalError
+from .malloc import tune_malloc
 
 EXPLAIN_EXAMPLES = """examples:
   multisal explain cat.jpg dog.png --out out/pets
@@ -180,6 +181,7 @@ def _parser():
 
 def main(argv=None):
     args = _parser().parse_args(argv)   # bad usage: argparse prints it and exits with 2
+    tune_malloc()                       # this process is ours: keep autograd's large blocks (multisal/malloc.py)
     try:
         return args.func(args)
     except MultisalError as err:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .batch import DEFAULT_BATCH
 from .errors import MissingFrameworkError, MultisalError
+from .malloc import tune_malloc
 
 # Files larger than this are left for the actor to open itself, where the pixel limit refuses them
 # from the header alone instead of shipping them through the object store.
@@ -122,6 +123,7 @@ class ExplainActor:
     """One backend per actor: the job is set up once, then explains batch after batch."""
 
     def __init__(self, config, threads):
+        tune_malloc()
         if config["backend"] == "torch":
             import torch
             torch.set_num_threads(threads)

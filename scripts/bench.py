@@ -604,16 +604,21 @@ def main(argv=None):
     parser.add_argument("--batch-images", type=int, default=64, help="images of the batch section's engine runs (64)")
     parser.add_argument("--memory-images", type=lambda t: sorted(int(v) for v in t.split(",")), default=[100, 1000],
                         help="job sizes whose peak RSS the batch section compares (default 100,1000)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (default: ms.tune_malloc(), as the "
+                             "multisal command does; it applies to the whole process, references included)")
     parser.add_argument("--json", default="out/bench/bench.json", help="where to save the results")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module=r"captum\.")   # "Input Tensor 0 did not already require gradients"
 
     start = time.perf_counter()
-    print(f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    tuned = not args.system_malloc and ms.tune_malloc()
+    print(f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, "
+          f"{'tuned' if tuned else 'system'} malloc")
     results = {name: SECTIONS[name](args) for name in args.sections}
     record = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "date": time.strftime("%Y-%m-%d")},
+                          "malloc": "tuned" if tuned else "system", "date": time.strftime("%Y-%m-%d")},
               "options": {k: v for k, v in vars(args).items() if k != "json"},
               "results": results, "wall_s": time.perf_counter() - start}
     path = Path(args.json)
