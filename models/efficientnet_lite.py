@@ -64,6 +64,10 @@ class Conv2dTFSame(nn.Conv2d):
         for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((-(-size // s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            # Symmetric (every stride-1 conv): the conv pads by itself, without a padded copy of x
+            # (F.pad and its backward took 7% of SmoothGrad's time).
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
         return super().forward(F.pad(x, pads))
 
 

@@ -62,6 +62,23 @@ def test_efficientnet_top1(lite, tf_padding):
     assert prob[0, 285] > 0.5 and prob[1, 967] > 0.5
 
 
+@pytest.mark.parametrize("kernel, stride, size, pads", [
+    (3, 1, 14, [1, 1, 1, 1]), (5, 1, 15, [2, 2, 2, 2]),     # symmetric: the conv pads by itself
+    (3, 2, 14, [0, 1, 0, 1]), (5, 2, 16, [1, 2, 1, 2]),     # TF "SAME": one more at the bottom/right
+    (3, 2, 15, [1, 1, 1, 1]),
+])
+def test_tf_same_padding_is_tensorflows(kernel, stride, size, pads):
+    """TensorFlow's SAME: output ceil(size / stride), total padding split with the extra pixel last."""
+    torch.manual_seed(0)
+    conv = efficientnet_lite.Conv2dTFSame(4, 4, kernel, stride=stride, groups=4, bias=False)
+    x = torch.randn(2, 4, size, size, requires_grad=True)
+    expected = F.conv2d(F.pad(x, pads), conv.weight, None, stride, 0, 1, 4)
+    got = conv(x)
+    assert got.shape[-1] == -(-size // stride)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
+
+
 def test_efficientnet_head_is_last_4d_activation(lite):
     outputs = []  # (module path, output shape) in call order
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.append((name, out.shape)))
