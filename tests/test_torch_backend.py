@@ -264,6 +264,56 @@ def test_a_model_torch_fx_cannot_trace_runs_as_it_is():
     assert bn_calls and np.array_equal(got, expected.numpy())
 
 
+def _randomized_bn(net):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("family, pairs", [
+    ("resnet18", 20), ("mobilenet_v3_small", 34), ("densenet121", 59), ("shufflenet_v2_x0_5", 56),
+    ("efficientnet_b0", 49),
+])
+def test_folding_torchvision_families_is_exact_in_float64(family, pairs):
+    """Residual adds, in-place ReLUs, concatenations, channel shuffles, squeeze-excitation: the folded
+    model's outputs and input gradient are the model's up to float64 rounding."""
+    import torchvision
+    from backends.torch_fold import fold_batchnorm
+    torch.manual_seed(0)
+    net = _randomized_bn(getattr(torchvision.models, family)(weights=None)).double()
+    folded, count = fold_batchnorm(net)
+    assert count == pairs
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    expected, actual = net(x), folded(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    (g_expected,) = torch.autograd.grad(expected[:, 3].sum(), x)
+    (g_actual,) = torch.autograd.grad(actual[:, 3].sum(), x)
+    torch.testing.assert_close(g_actual, g_expected, rtol=1e-10, atol=1e-14)
+
+
+def test_a_kept_container_layer_is_hooked_whole():
+    """A block container asked for as a layer stays one module in the folded model, its hooks fire,
+    and the folding around it still happens."""
+    import torchvision
+    torch.manual_seed(0)
+    net = _randomized_bn(torchvision.models.resnet18(weights=None))
+    x = np.random.default_rng(4).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    folding, plain = (ms.load_backend("torch", model=net, fold_batchnorm=flag) for flag in (True, False))
+    layer = "layer4"
+    got, expected = (be.run(x, "logit", np.array([3, 3]), layers=[layer]) for be in (folding, plain))
+    assert_agree(got.activations[layer], expected.activations[layer], tol=1e-5)
+    assert_agree(got.gradients[layer], expected.gradients[layer], tol=1e-5)
+    bn_calls = _counting(net.bn1)
+    folding.run(x, "logit", np.array([3, 3]), layers=[layer])
+    assert not bn_calls
+
+
 @pytest.mark.parametrize("build, pairs", [
     (lambda: ms.models.load("efficientnet-lite0"), 49),   # every conv, the TF-padded ones included
     (lambda: __import__("torchvision").models.resnet18(weights=None), 20),
