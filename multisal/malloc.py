@@ -39,3 +39,8 @@ def tune_malloc() -> bool:
             except (OSError, AttributeError):
                 _tuned = False
     return _tuned
+
+
+def malloc_tuned() -> bool:
+    """Has tune_malloc() raised the thresholds in this process?"""
+    return bool(_tuned)

@@ -372,3 +372,37 @@ def test_tuned_malloc_reuses_autograds_large_blocks_instead_of_faulting_them_in_
                                        text=True).stdout) for mode in ("system", "tuned")}
     # Measured: about 408,000 minor faults (every page of every activation, every step) against 12,500.
     assert faults["tuned"] * 10 < faults["system"], faults
+
+
+# ---- batch size from the memory budget --------------------------------------------------------------
+
+
+def test_batch_size_counts_each_activation_storage_once():
+    # A container's output is its last child's tensor, an in-place ReLU's is its input's, Flatten's a
+    # view: the activations are the conv's, the BatchNorm's, the pool's and the logits.
+    net = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(inplace=True)),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2)).eval()
+    per_sample = 2 * 4 * (8 * 16 * 16 + 8 * 16 * 16 + 8 + 2)     # forward + backward, float32
+    be = ms.load_backend("torch", model=net, memory_budget=5 * per_sample + 1)
+    assert be.batch_size((3, 16, 16)) == 5
+
+
+_BUDGETS = """
+import torch, multisal as ms
+from multisal.backends import torch_backend
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+default, given = ms.load_backend("torch", model=net), ms.load_backend("torch", model=net, memory_budget="3GiB")
+before = default.memory_budget
+ms.tune_malloc()
+print(before == torch_backend.CPU_MEMORY_BUDGET, default.memory_budget == torch_backend.CPU_MEMORY_BUDGET_TUNED_MALLOC,
+      given.memory_budget == 3 << 30)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="tunes glibc only")
+def test_default_cpu_budget_grows_once_malloc_is_tuned():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _BUDGETS], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["True", "True", "True"]
