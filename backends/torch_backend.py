@@ -65,6 +65,7 @@ class TorchBackend(Backend):
         # asked-for layers (they stay unfolded); None where the model cannot be folded.
         self.fold_batchnorm = bool(fold_batchnorm)
         self._folded = {}
+        self._folded_convs = {}    # conv name -> the conv with its BatchNorm folded in, shared by the variants
         self._modules = dict(self.model.named_modules())
         self._bytes_per_sample = {}
         self._default_layer = {}
@@ -181,7 +182,7 @@ class TorchBackend(Backend):
     def _fold(self, keep, probe):
         from .torch_fold import fold_batchnorm
         try:
-            folded, count = fold_batchnorm(self.model, keep)
+            folded, count = fold_batchnorm(self.model, keep, self._folded_convs)
         except Exception:   # noqa: BLE001 - a model torch.fx cannot trace runs unfolded
             return None
         if count == 0:

@@ -31,12 +31,14 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(module, qualified_name))
 
 
-def fold_batchnorm(model: nn.Module, keep=()) -> tuple[nn.Module, int]:
+def fold_batchnorm(model: nn.Module, keep=(), folded_convs=None) -> tuple[nn.Module, int]:
     """(a GraphModule computing what model computes, with conv+BatchNorm pairs folded; the number
     of pairs folded). Modules named in `keep` are neither folded nor traced into. The model's own
-    modules are shared, except the folded convs, which are new. Raises what torch.fx raises when
-    the model cannot be traced."""
+    modules are shared, except the folded convs, which are new, or taken from `folded_convs` (conv
+    name -> folded conv, filled as it goes), so variants for other `keep`s share them. Raises what
+    torch.fx raises when the model cannot be traced."""
     keep = set(keep)
+    folded_convs = {} if folded_convs is None else folded_convs
     graph = _Tracer(keep).trace(model)
     modules = dict(model.named_modules())
     folded = {}
@@ -50,7 +52,9 @@ def fold_batchnorm(model: nn.Module, keep=()) -> tuple[nn.Module, int]:
         conv, bn = modules[source.target], modules[node.target]
         if bn.training or bn.running_mean is None or {source.target, node.target} & keep:
             continue
-        folded[source.target] = _folded_conv(conv, bn)
+        if source.target not in folded_convs:
+            folded_convs[source.target] = _folded_conv(conv, bn)
+        folded[source.target] = folded_convs[source.target]
         node.replace_all_uses_with(source)
         graph.erase_node(node)
     module = fx.GraphModule(model, graph)

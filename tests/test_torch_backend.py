@@ -206,18 +206,23 @@ def _counting(module):
     return calls
 
 
+def _assert_same_function_float64(net, folded, x):
+    """Outputs and the input gradient of one class's score, up to float64 rounding."""
+    x.requires_grad_(True)
+    expected, actual = net(x), folded(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    (g_expected,) = torch.autograd.grad(expected[:, 3].sum(), x)
+    (g_actual,) = torch.autograd.grad(actual[:, 3].sum(), x)
+    torch.testing.assert_close(g_actual, g_expected, rtol=1e-10, atol=1e-14)
+
+
 def test_folding_computes_the_same_function_and_input_gradient():
     from backends.torch_fold import fold_batchnorm
     net = _conv_bn().double()
     folded, count = fold_batchnorm(net)
     assert count == 1                                  # conv1+bn1; conv2 feeds bn2 and the sum
     assert folded.conv1 is not net.conv1 and folded.bn2 is net.bn2 and folded.get_submodule("head.2") is net.head[2]
-    x = torch.randn(4, 3, 10, 10, dtype=torch.float64, requires_grad=True)
-    expected, actual = net(x), folded(x)
-    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
-    (g_expected,) = torch.autograd.grad(expected[:, 2].sum(), x)
-    (g_actual,) = torch.autograd.grad(actual[:, 2].sum(), x)
-    torch.testing.assert_close(g_actual, g_expected, rtol=1e-12, atol=1e-12)
+    _assert_same_function_float64(net, folded, torch.randn(4, 3, 10, 10, dtype=torch.float64))
     assert torch.equal(net.conv1.weight, _conv_bn().double().conv1.weight)   # the model is untouched
 
 
@@ -226,8 +231,11 @@ def test_kept_layers_are_neither_folded_nor_traced_into():
     net = _conv_bn()
     assert fold_batchnorm(net, keep={"bn1"})[1] == 0
     assert fold_batchnorm(net, keep={"conv1"})[1] == 0
-    folded, count = fold_batchnorm(net, keep={"head"})
+    shared = {}
+    folded, count = fold_batchnorm(net, keep={"head"}, folded_convs=shared)
     assert count == 1 and [n.target for n in folded.graph.nodes if n.op == "call_module"][-1] == "head"
+    other, _ = fold_batchnorm(net, keep={"act1"}, folded_convs=shared)
+    assert other.conv1 is folded.conv1 is shared["conv1"]      # variants share their folded convs
 
 
 def test_backend_runs_the_folded_model_and_reports_the_same_maps():
@@ -289,12 +297,7 @@ def test_folding_torchvision_families_is_exact_in_float64(family, pairs):
     net = _randomized_bn(getattr(torchvision.models, family)(weights=None)).double()
     folded, count = fold_batchnorm(net)
     assert count == pairs
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
-    expected, actual = net(x), folded(x)
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
-    (g_expected,) = torch.autograd.grad(expected[:, 3].sum(), x)
-    (g_actual,) = torch.autograd.grad(actual[:, 3].sum(), x)
-    torch.testing.assert_close(g_actual, g_expected, rtol=1e-10, atol=1e-14)
+    _assert_same_function_float64(net, folded, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
 def test_a_kept_container_layer_is_hooked_whole():
