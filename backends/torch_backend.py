@@ -66,6 +66,7 @@ class TorchBackend(Backend):
         self.fold_batchnorm = bool(fold_batchnorm)
         self._folded = {}
         self._folded_convs = {}    # conv name -> the conv with its BatchNorm folded in, shared by the variants
+        self._folded_from = None   # _weights_state() when they were folded
         self._modules = dict(self.model.named_modules())
         self._bytes_per_sample = {}
         self._default_layer = {}
@@ -169,6 +170,11 @@ class TorchBackend(Backend):
         computes the model's outputs on this call's first input, else the model itself."""
         if not self.fold_batchnorm:
             return self.model
+        state = self._weights_state()
+        if state != self._folded_from:   # weights changed since the folds (trained, reloaded): fold anew
+            self._folded.clear()
+            self._folded_convs.clear()
+            self._folded_from = state
         key = frozenset(layers)
         if key not in self._folded:
             if len(self._folded) >= _FOLDED_VARIANTS:
@@ -178,6 +184,11 @@ class TorchBackend(Backend):
             except Exception:   # noqa: BLE001 - the model fails on this input: let the call report it
                 return self.model
         return self._folded[key] or self.model
+
+    def _weights_state(self):
+        """Which tensors the model's parameters and buffers are, and how often each was changed in
+        place (an optimizer step or load_state_dict bumps the count)."""
+        return [(id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers())]
 
     def _fold(self, keep, probe):
         from .torch_fold import fold_batchnorm

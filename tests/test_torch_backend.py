@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import multisal as ms
-from helpers import assert_agree
+from helpers import agrees, assert_agree
 
 
 def _classifier():
@@ -250,6 +250,22 @@ def test_backend_runs_the_folded_model_and_reports_the_same_maps():
     for layer in ("bn1", "act1", "conv2"):             # asked-for layers keep their own values
         assert_agree(ms.gradcam(folding, x, 1, layer=layer), ms.gradcam(plain, x, 1, layer=layer), tol=1e-5)
     assert all(not m._forward_hooks for name, m in folding.model.named_modules() if name != "bn1")
+
+
+def test_changed_weights_are_folded_anew():
+    """A model trained or reloaded between calls: the folded copies follow its weights."""
+    net = _conv_bn()
+    x = np.random.default_rng(5).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    be = ms.load_backend("torch", model=net)
+    before = ms.vanilla_gradient(be, x, 1, channel_reduce=None, abs=False)
+    with torch.no_grad():
+        net.bn1.running_var.mul_(4)                    # in place, as an optimizer or load_state_dict does
+        net.conv1.weight = torch.nn.Parameter(net.conv1.weight * -1)   # a new tensor
+    after = ms.vanilla_gradient(be, x, 1, channel_reduce=None, abs=False)
+    plain = ms.vanilla_gradient(ms.load_backend("torch", model=net, fold_batchnorm=False), x, 1,
+                                channel_reduce=None, abs=False)
+    assert not agrees(after, before)
+    assert_agree(after, plain)
 
 
 class _Untraceable(_ConvBN):
