@@ -23,8 +23,8 @@ from multisal.objectives import ARGMAX, Region, check_target_range
 # comes, a block above its mmap threshold (32 MiB at most) is unmapped when freed and faulted in
 # again by the next call, so batches whose largest activation stays below it are fastest:
 # EfficientNet-Lite0 at 6 samples (1 GiB). Once ms.tune_malloc() has run, freed blocks are reused
-# and larger batches spread each layer's fixed costs: SmoothGrad takes 9% less time on
-# EfficientNet-Lite0 at 13 samples and 13% less on ResNet-50 at 12 than at 6 and 3 (2 GiB).
+# and larger batches spread each layer's fixed costs: SmoothGrad takes about 9% less time on
+# EfficientNet-Lite0 at 13 samples and on ResNet-50 at 12 than at 6 (2 GiB).
 CPU_MEMORY_BUDGET = 1 << 30
 CPU_MEMORY_BUDGET_TUNED_MALLOC = 2 << 30
 # Folding BatchNorm changes float32 rounding only (relative error of the outputs ~1e-7); a folded
