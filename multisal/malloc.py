@@ -36,8 +36,8 @@ def tune_malloc() -> bool:
                 libc = ctypes.CDLL("libc.so.6")
                 _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
                     bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-            except (OSError, AttributeError):
-                _tuned = False
+            except (OSError, AttributeError):   # no libc.so.6 or no mallopt: stays untuned
+                pass
     return _tuned
 
 
