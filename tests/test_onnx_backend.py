@@ -115,7 +115,9 @@ def test_layers_command_lists_the_default(effnet_onnx):
     assert "1280x7x7" in out
 
 
-def test_fixed_batch_one_export_takes_a_batch(tmp_path, backends):
+def test_fixed_batch_one_export_takes_a_batch(tmp_path, backends, monkeypatch):
+    from multisal.backends import onnx_backend
+    monkeypatch.setattr(onnx_backend, "last_level_cache_bytes", lambda: 1 << 30)   # no cache cap on the batch
     bt, _, x = backends
     path = tmp_path / "fixed.onnx"
     torch.onnx.export(models.load("efficientnet-lite0"), (torch.zeros(1, 3, 224, 224),), str(path), dynamo=True,
@@ -124,6 +126,29 @@ def test_fixed_batch_one_export_takes_a_batch(tmp_path, backends):
     assert not bo.batch_one               # rewritten to a free batch: SmoothGrad's samples run batched
     assert bo.batch_size(x.shape[1:]) > 1
     assert_agree(ms.vanilla_gradient(bo, x, channel_reduce=None), ms.vanilla_gradient(bt, x, channel_reduce=None))
+
+
+def test_last_level_cache_is_read_from_sysfs(tmp_path):
+    from multisal.backends.onnx_backend import CACHE_FALLBACK, last_level_cache_bytes
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 32 << 20
+    assert last_level_cache_bytes(tmp_path / "missing") == CACHE_FALLBACK
+
+
+def test_cpu_batch_keeps_the_largest_activation_in_cache(effnet_onnx, tmp_path, monkeypatch):
+    """On the CPU a batch holds as many samples as fit three times their largest activation into the
+    last-level cache; EfficientNet-Lite0's is the first block's expansion, 96x112x112 float32."""
+    from multisal.backends import onnx_backend
+    largest = 4 * 96 * 112 * 112
+    for fits in (1, 5):
+        monkeypatch.setattr(onnx_backend, "last_level_cache_bytes", lambda: 3 * largest * fits + 1)
+        bo = ms.load_backend("onnx", model=str(effnet_onnx), cache_dir=tmp_path)
+        assert bo.batch_size((3, 224, 224)) == fits
+    # The memory budget still caps it.
+    bo = ms.load_backend("onnx", model=str(effnet_onnx), cache_dir=tmp_path, memory_budget="64MiB")
+    assert bo.batch_size((3, 224, 224)) == 1
 
 
 def test_gradient_graphs_are_cached_on_disk(effnet_onnx, tmp_path, backends):
