@@ -28,7 +28,7 @@ from .onnx_grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
 
 CPU_MEMORY_BUDGET = 1 << 30
 CACHE_FALLBACK = 16 << 20   # the last-level cache assumed where the machine does not say
-CACHE_FORMAT = "2"   # bump when the gradient graphs multisal writes change
+CACHE_FORMAT = "3"   # bump when the gradient graphs multisal writes change
 
 
 def default_cache_dir() -> Path:

@@ -84,3 +84,19 @@ def test_fixed_batch_that_cannot_be_rewritten_loops(tmp_path):
     got = ms.vanilla_gradient(be, x, [0, 1, 2], channel_reduce=None, abs=False)
     expected = (x > 0) * W.T[[0, 1, 2]].reshape(3, 3, 2, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch", ["N", 2])
+def test_data_dependent_indices_are_not_taken_for_constants(batch):
+    """Gather at the argmax of the batch's channel-wise maximum: on the probe's zero input that
+    index is 0 at every batch size, on real inputs it is elsewhere. The gradient must follow the
+    index the input makes, for a free and for a fixed batch."""
+    nodes = [helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+             helper.make_node("ReduceMax", ["flat"], ["peak"], axes=[0], keepdims=0),
+             helper.make_node("ArgMax", ["peak"], ["where"], axis=0, keepdims=1),
+             helper.make_node("Gather", ["flat", "where"], ["y"], axis=1)]
+    model = make_model(nodes, (batch, 3, 4, 4), (batch, 1), {"flat_shape": np.array([0, -1], np.int64)})
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    x.reshape(2, -1)[1, 29] = 5.0
+    got = check_input_gradient(model, x)
+    assert got.reshape(2, -1)[:, 29].tolist() == [1.0, 1.0]

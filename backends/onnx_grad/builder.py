@@ -77,12 +77,31 @@ def constant_values(model):
 
 
 INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+# Ops whose output depends on their input's shape, not its values; and ops that draw at random.
+SHAPE_ONLY_OPS = {"Shape", "Size", "EyeLike"}
+RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def value_free_tensors(model):
+    """The tensors whose values do not depend on the input's values: initializers, Constants,
+    Shape and Size outputs, and what is computed from those alone (nodes come in topological order).
+    Only these may be taken for constants from a probe run: an ArgMax or TopK index is the same on
+    the probe's zero input at every batch size, but not on real inputs."""
+    free = set(constant_values(model))
+    for node in model.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue   # a subgraph may read any outer tensor
+        if node.op_type in SHAPE_ONLY_OPS or (node.op_type not in RANDOM_OPS
+                                              and all(not i or i in free for i in node.input)):
+            free.update(o for o in node.output if o)
+    return free
 
 
 def probe(model, sample_shape, batch):
     """Shapes and element types of every tensor, from onnxruntime runs on a zero input; and the
-    values of small integer tensors that do not change with the batch size (pads, shapes and
-    indices computed from the image size), which rules may treat as constants.
+    values of small integer tensors computed from shapes and constants alone that do not change
+    with the batch size (pads, shapes and indices computed from the image size), which rules may
+    treat as constants.
 
     Returns (shapes, dtypes, shape_constants); shapes are those of the run at `batch`.
     """
@@ -116,11 +135,13 @@ def probe(model, sample_shape, batch):
     fixed = bool(dims) and dims[0].HasField("dim_value")
     other = values if fixed else run(batch + 1)
     shapes, dtypes, shape_constants = {}, {}, {}
+    value_free = value_free_tensors(model)
     for name, value in values.items():
         value = np.asarray(value)
         shapes[name] = tuple(value.shape)
         dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-        if dtypes[name] in INT_TYPES and value.size <= 64 and np.array_equal(value, np.asarray(other[name])):
+        if dtypes[name] in INT_TYPES and value.size <= 64 and name in value_free \
+                and np.array_equal(value, np.asarray(other[name])):
             shape_constants[name] = value
     shapes[inp.name] = (batch, *sample_shape)
     dtypes[inp.name] = inp.type.tensor_type.elem_type
