@@ -245,17 +245,18 @@ class OnnxBackend(Backend):
         key = tuple(sample_shape)
         if key not in self._batch_sizes:
             shapes, dtypes, _ = self._probe(key)
-            per_sample = 3 * sum(4 * int(np.prod(s[1:])) for s in shapes.values() if s) // 2
-            batch = max(1, min(256, self.memory_budget // max(1, per_sample)))
+            activations = set(self.layer_names())
+            sample_bytes = {name: helper.tensor_dtype_to_np_dtype(dtypes[name]).itemsize * int(np.prod(s[1:]))
+                            for name, s in shapes.items() if name in activations and s}
+            batch = max(1, min(256, self.memory_budget // max(1, 3 * sum(sample_bytes.values()) // 2)))
             if self.providers[0] == "CPUExecutionProvider":
                 # onnxruntime's CPU kernels are fastest while a layer's tensors stay in the
                 # last-level cache: a backward step holds about three tensors the size of its
                 # activation (incoming gradient, mask or activation, outgoing gradient). Past that,
                 # each sample costs more: EfficientNet-Lite0's gradient graph takes 11 ms a sample
                 # at batch 2 and 15 ms at batch 11 on a 32 MiB cache; ResNet-50 is flat.
-                largest = max((helper.tensor_dtype_to_np_dtype(dtypes[name]).itemsize * int(np.prod(s[1:]))
-                               for name, s in shapes.items() if dtypes.get(name) in FLOAT_TYPES and len(s) > 1),
-                              default=0)
+                largest = max((b for name, b in sample_bytes.items()
+                               if dtypes[name] in FLOAT_TYPES and len(shapes[name]) > 1), default=0)
                 batch = min(batch, max(1, last_level_cache_bytes() // max(1, 3 * largest)))
             self._batch_sizes[key] = batch
         return self._batch_sizes[key]
