@@ -87,7 +87,7 @@ def value_free_tensors(model):
     Shape and Size outputs, and what is computed from those alone (nodes come in topological order).
     Only these may be taken for constants from a probe run: an ArgMax or TopK index is the same on
     the probe's zero input at every batch size, but not on real inputs."""
-    free = set(constant_values(model))
+    free = {init.name for init in model.graph.initializer}   # Constant nodes pass below: they have no inputs
     for node in model.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue   # a subgraph may read any outer tensor
