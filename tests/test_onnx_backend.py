@@ -2,6 +2,7 @@
 loading, fixed-batch exports, the exported gradient graph and its command line."""
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -149,6 +150,23 @@ def test_cpu_batch_keeps_the_largest_activation_in_cache(effnet_onnx, tmp_path, 
     # The memory budget still caps it.
     bo = ms.load_backend("onnx", model=str(effnet_onnx), cache_dir=tmp_path, memory_budget="64MiB")
     assert bo.batch_size((3, 224, 224)) == 1
+
+
+def test_torchscript_export_with_computed_pads(tmp_path, backends):
+    """torch's TorchScript exporter writes EfficientNet-Lite0's TF "same" padding as Pad nodes whose
+    pads are computed from the input's shape: the gradient graph folds them into the convolutions
+    (no Pad, and no Slice to undo one) and still agrees with autograd."""
+    bt, _, x = backends
+    path = tmp_path / "torchscript.onnx"
+    with warnings.catch_warnings():   # the TorchScript exporter's deprecation and tracer warnings
+        warnings.simplefilter("ignore")
+        torch.onnx.export(models.load("efficientnet-lite0"), (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}})
+    assert "Pad" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    bo = ms.load_backend("onnx", model=str(path), cache_dir=tmp_path / "cache")
+    assert_agree(ms.vanilla_gradient(bo, x, channel_reduce=None), ms.vanilla_gradient(bt, x, channel_reduce=None))
+    graph_ops = {n.op_type for f in (tmp_path / "cache").glob("*.onnx") for n in onnx.load(str(f)).graph.node}
+    assert not graph_ops & {"Pad", "Slice"}
 
 
 def test_gradient_graphs_are_cached_on_disk(effnet_onnx, tmp_path, backends):

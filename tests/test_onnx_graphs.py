@@ -6,7 +6,7 @@ from onnx import helper
 
 import multisal as ms
 from helpers import assert_agree
-from onnx_fd import check_input_gradient, make_model
+from onnx_fd import check_input_gradient, make_model, run_gradient
 
 RNG = np.random.default_rng(7)
 
@@ -100,3 +100,38 @@ def test_data_dependent_indices_are_not_taken_for_constants(batch):
     x.reshape(2, -1)[1, 29] = 5.0
     got = check_input_gradient(model, x)
     assert got.reshape(2, -1)[:, 29].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("variant, folded", [("initializer", True), ("from_shape", True), ("value", False),
+                                             ("second_reader", False)])
+def test_zero_pad_before_a_conv_is_folded_into_it(variant, folded):
+    """x -> Pad (asymmetric, spatial) -> Conv (stride 2, its own asymmetric pads) -> Relu -> MatMul.
+    A zero Pad that only the Conv reads becomes part of the Conv's pads, whether its pads are an
+    initializer or computed from the input's shape (as torch's TorchScript exporter writes TF
+    "same" padding); a Pad with another value or another reader stays. Gradients agree with finite
+    differences either way."""
+    inits = {"W": RNG.standard_normal((3, 2, 3, 3)) * 0.5, "Wf": RNG.standard_normal((36, 4)) * 0.3,
+             "pads": np.array([0, 0, 1, 0, 0, 0, 1, 1], np.int64), "two": np.array([2, 2], np.int64),
+             "zeros": np.array([0, 0], np.int64), "ones": np.array([1, 1], np.int64),
+             "hw_begin": np.array([2], np.int64), "hw_end": np.array([4], np.int64), "half": np.array(0.5)}
+    pad_inputs = ["x", "pads"] + (["half"] if variant == "value" else [])
+    nodes = [helper.make_node("Pad", pad_inputs, ["padded"])]
+    if variant == "from_shape":   # pads [0, 0, H % 2, W % 2, 0, 0, 1, 1] for H x W = 7 x 6
+        nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+                 helper.make_node("Slice", ["shape", "hw_begin", "hw_end"], ["hw"]),
+                 helper.make_node("Mod", ["hw", "two"], ["odd"]),
+                 helper.make_node("Concat", ["zeros", "odd", "zeros", "ones"], ["computed_pads"], axis=0),
+                 helper.make_node("Pad", ["x", "computed_pads"], ["padded"])]
+    nodes += [helper.make_node("Conv", ["padded", "W"], ["c"], strides=[2, 2], pads=[1, 0, 0, 1]),
+              helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+              helper.make_node("MatMul", ["f", "Wf"], ["y" if variant != "second_reader" else "scores"])]
+    if variant == "second_reader":
+        nodes += [helper.make_node("ReduceMean", ["padded"], ["mean"], axes=[1, 2, 3], keepdims=0),
+                  helper.make_node("Reshape", ["mean", "neg_one"], ["mean2"]),
+                  helper.make_node("Add", ["scores", "mean2"], ["y"])]
+        inits["neg_one"] = np.array([-1, 1], np.int64)
+    model = make_model(nodes, ("N", 2, 7, 6), ("N", 4), inits, opset=13)
+    x = RNG.standard_normal((2, 2, 7, 6)).astype(np.float32)
+    check_input_gradient(model, x, [1, 3])
+    _, grad_model = run_gradient(model, x, [1, 3])
+    assert ("Pad" in {n.op_type for n in grad_model.graph.node}) is not folded

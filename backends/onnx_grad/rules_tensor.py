@@ -247,7 +247,7 @@ def _slice_dynamic(ctx, node, dy):
 
 
 # ---- Pad ------------------------------------------------------------------------------------------
-def _pad_params(ctx, node):
+def pad_params(ctx, node):
     rank = ctx.rank(node.input[0])
     mode = ctx.attr(node, "mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
@@ -278,7 +278,7 @@ def pad(ctx, node, dys):
     rest = [None] * (len(node.input) - 1)
     if not ctx.needs(node, 0):
         return [None] + rest
-    mode, rank, pads = _pad_params(ctx, node)
+    mode, rank, pads = pad_params(ctx, node)
     g = dys[0]
     if mode == "constant":
         axes = sorted(pads)
