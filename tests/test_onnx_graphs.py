@@ -127,9 +127,9 @@ def test_zero_pad_before_a_conv_is_folded_into_it(variant, folded):
               helper.make_node("MatMul", ["f", "Wf"], ["y" if variant != "second_reader" else "scores"])]
     if variant == "second_reader":
         nodes += [helper.make_node("ReduceMean", ["padded"], ["mean"], axes=[1, 2, 3], keepdims=0),
-                  helper.make_node("Reshape", ["mean", "neg_one"], ["mean2"]),
+                  helper.make_node("Reshape", ["mean", "column_shape"], ["mean2"]),
                   helper.make_node("Add", ["scores", "mean2"], ["y"])]
-        inits["neg_one"] = np.array([-1, 1], np.int64)
+        inits["column_shape"] = np.array([-1, 1], np.int64)
     model = make_model(nodes, ("N", 2, 7, 6), ("N", 4), inits, opset=13)
     x = RNG.standard_normal((2, 2, 7, 6)).astype(np.float32)
     check_input_gradient(model, x, [1, 3])

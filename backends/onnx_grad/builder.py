@@ -2,6 +2,7 @@
 
 1. A probe run in onnxruntime records every tensor's shape and type (rules need static shapes for
    things like ConvTranspose's output padding; the batch axis is probed at 2 where it is free).
+   Zero Pads that only convolutions read are folded into their pads (fold_pads_into_convs).
 2. Forward from the differentiated tensors (the input and/or the layers) mark what depends on them,
    through float tensors only: integer and shape paths (Shape, Gather on shapes, Range, Cast to
    int, ...) never carry a gradient.
