@@ -1,0 +1,1 @@
+"""Backends: one package per framework, each registering its Backend subclass (multisal.registry)."""

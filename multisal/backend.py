@@ -1,4 +1,4 @@
-"""The seam between methods and frameworks.
+"""The seam between methods and frameworks, declared and checked in one place.
 
 A backend answers one question for a batch: given inputs x (N,C,H,W float32, already in model
 space), an objective and a target, and a list of layer names, return the outputs, d objective / d x
@@ -9,20 +9,33 @@ Every backend must:
 - stop the backward pass where nothing asked for lies further down (Grad-CAM asks for no input
   gradient, so nothing below its layer is differentiated),
 - never compute parameter gradients.
+
+A subclass implements `_run`, `layer_names`, `candidate_layers`, `sample_bytes` and, where its
+models declare one, `sample_shape`; this class does the rest once for all of them: input checks,
+chunking a batch by the memory budget, the default layer, closest-name hints for unknown layers,
+and a check of every Result it returns. It also declares what the registry, the configuration
+and the engines need to know (multisal.registry): its name, the framework it imports and how to
+install it, its options (its __init__'s keywords), how it opens a model from a configuration and
+how a worker sets its thread count.
 """
 from __future__ import annotations
 
-import importlib
-import os
-from collections.abc import Mapping
+import difflib
+import inspect
+import json
+import typing
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from .errors import MissingFrameworkError, MultisalError
-from .noise import even_chunks
-from .objectives import check_objective
+from .frameworks import available
+from .modelspec import call_factory, model_kind
+from .objectives import check_objective, check_target
+
+# A call never carries more samples than this, whatever the budget.
+MAX_BATCH = 256
 
 
 @dataclass
@@ -34,54 +47,217 @@ class Result:
     gradients: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
+class ByteSize(str):
+    """The type of an option that holds a memory size: a number of bytes, or a string such as
+    "2GiB" (parse_bytes reads both)."""
+
+
 class Backend:
-    """Base class of the adapters; subclasses implement `_run` and the layer queries."""
+    """Base class of the adapters (see the module docstring for what a subclass provides)."""
 
+    #: The name the registry, `load_backend` and the configuration's `backend` key use; it is
+    #: also the name of the backend's table of options in a configuration file.
     name = "base"
-    preset = None   # optional: the preset its inputs use (set by config-driven loading)
+    #: The module (or modules) that must be importable for this backend to work, and how to install it.
+    framework = None
+    install = ""
+    #: Model files this backend opens from a configuration: suffix -> how errors call them.
+    model_files: Dict[str, str] = {}
+    #: Whether a configuration's models/ names (multisal.models) run on this backend.
+    opens_model_names = True
 
+    preset = None          # the preset its inputs use (set by config-driven loading)
+    memory_budget = 1 << 30
+
+    # ---- what a subclass implements ------------------------------------------------------------
+    def _run(self, x, objective, target, layers, input_grad) -> Result:
+        raise NotImplementedError
+
+    def layer_names(self) -> list:
+        """Every layer name a call may ask for."""
+        raise NotImplementedError
+
+    def candidate_layers(self, sample_shape) -> list:
+        """[(layer name, activation shape without the batch)] of the 4-D activations with spatial
+        size > 1 that feed the output, in execution order: the layers Grad-CAM can use."""
+        raise NotImplementedError
+
+    def sample_bytes(self, sample_shape) -> int:
+        """Bytes one sample of this shape holds during a call (forward and backward)."""
+        raise NotImplementedError
+
+    @property
+    def sample_shape(self):
+        """The (C, H, W) the model declares (None for a free axis), or None if it declares none."""
+        return None
+
+    # ---- done here for every backend --------------------------------------------------------------
     def run(self, x: np.ndarray, objective: Optional[str] = None, target=None,
             layers: Sequence[str] = (), input_grad: bool = False) -> Result:
         """One pass over x. With objective None only outputs and activations are returned.
 
-        target: an int64 array (N,), "argmax" (chosen from this pass's output) or a Region.
+        target: an int64 array (N,), ARGMAX_PER_SAMPLE (chosen from this pass's output) or a Region.
         """
         x = check_input(x)
         if objective is not None:
             check_objective(objective)
-            if target is None:
-                raise MultisalError("run() with an objective needs a target (indices, 'argmax' or a region)")
+            target = check_target(target, len(x))
         elif input_grad:
             raise MultisalError("an input gradient needs an objective")
         layers = list(layers)
         step = self.batch_size(x.shape[1:])
         if len(x) <= step:
-            return self._run(x, objective, target, layers, input_grad)
+            return self.check_result(self._run(x, objective, target, layers, input_grad), x, objective, layers,
+                                     input_grad)
         # Too many inputs for the memory budget: run in chunks and stitch the results together.
         parts = []
         for start, stop in even_chunks(len(x), step):
             sl = slice(start, stop)
             part_target = target[sl] if isinstance(target, np.ndarray) else target
-            parts.append(self._run(x[sl], objective, part_target, layers, input_grad))
+            parts.append(self.check_result(self._run(x[sl], objective, part_target, layers, input_grad), x[sl],
+                                           objective, layers, input_grad))
         return concatenate_results(parts)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Model outputs only (no backward)."""
         return self.run(x).outputs
 
-    def batch_size(self, sample_shape) -> int:
-        """How many inputs of this shape one call should carry (memory budget)."""
-        return 32
-
-    def layer_names(self) -> list:
-        raise NotImplementedError
-
     def default_layer(self, sample_shape) -> str:
         """The last 4-D activation with spatial size > 1 that feeds the output."""
-        raise NotImplementedError
+        key = tuple(sample_shape)
+        cache = self.__dict__.setdefault("_default_layers", {})
+        if key not in cache:
+            candidates = self.candidate_layers(key)
+            if not candidates:
+                raise MultisalError(f"{self.describe()} has no 4-D activation with spatial size > 1: name a layer")
+            cache[key] = candidates[-1][0]
+        return cache[key]
 
-    def _run(self, x, objective, target, layers, input_grad) -> Result:
-        raise NotImplementedError
+    def batch_size(self, sample_shape) -> int:
+        """How many inputs of this shape one call carries: as many as the memory budget holds."""
+        return max(1, min(MAX_BATCH, int(self.memory_budget) // max(1, int(self.sample_bytes(tuple(sample_shape))))))
+
+    def describe(self) -> str:
+        """How errors name the model this backend runs."""
+        model = getattr(self, "model", None)
+        return type(model).__name__ if model is not None else self.name
+
+    def unknown_layer(self, name) -> MultisalError:
+        """The error for a layer the model does not have, naming the closest ones it has."""
+        names = self.layer_names()
+        close = closest_names(name, names)
+        if close:
+            hint = f"closest: {', '.join(close)}"
+        elif names:
+            hint = f"available: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
+        else:
+            hint = "this model has no named layers"
+        return MultisalError(f"unknown layer {name!r} in {self.describe()}: {hint}")
+
+    def check_layers(self, layers) -> None:
+        known = set(self.layer_names())
+        for name in layers:
+            if name not in known:
+                raise self.unknown_layer(name)
+
+    def check_result(self, result, x, objective, layers, input_grad) -> Result:
+        """The Result of one _run, checked against the seam: a violation names the backend and the
+        field. Non-finite values are the model's (a NaN weight, an overflow) and say so."""
+        n = len(x)
+
+        def fail(what):
+            raise MultisalError(f"backend {self.name!r}: {what}")
+
+        def check_array(label, value, shape=None):
+            if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+                fail(f"{label} must be a float numpy array, got "
+                     f"{getattr(value, 'dtype', type(value).__name__)}")
+            if value.ndim == 0 or value.shape[0] != n:
+                fail(f"{label} has shape {value.shape}, expected {n} samples along its first axis")
+            if shape is not None and value.shape != tuple(shape):
+                fail(f"{label} has shape {value.shape}, expected {tuple(shape)}")
+            if not np.isfinite(value).all():
+                fail(f"the model's {label} hold NaN or infinite values")
+
+        if not isinstance(result, Result):
+            fail(f"_run returned {type(result).__name__}, not a Result")
+        check_array("outputs", result.outputs)
+        if input_grad:
+            if result.input_grad is None:
+                fail("no input gradient, though one was asked for")
+            check_array("input gradient", result.input_grad, x.shape)
+        if set(result.activations) != set(layers):
+            fail(f"activations for {sorted(result.activations)}, expected {sorted(layers)}")
+        for name, value in result.activations.items():
+            check_array(f"activation of layer {name!r}", value)
+        if objective is not None and (layers or input_grad):
+            if set(result.gradients) != set(layers):
+                fail(f"gradients for {sorted(result.gradients)}, expected {sorted(layers)}")
+            for name, value in result.gradients.items():
+                check_array(f"gradient of layer {name!r}", value, result.activations[name].shape)
+        return result
+
+    # ---- what the registry, the configuration and the engines ask of a backend class -----------------
+    @classmethod
+    def options(cls) -> Dict[str, tuple]:
+        """{option: (type, default)}: the keywords of __init__ after the model, less `preset` (which
+        a configuration's `preset` key sets). A configuration's [<name>] table takes exactly these."""
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+        out = {}
+        for key, param in list(inspect.signature(cls.__init__).parameters.items())[2:]:
+            if key == "preset" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            out[key] = (hints.get(key), None if param.default is param.empty else param.default)
+        return out
+
+    @classmethod
+    def require_framework(cls) -> None:
+        """Fail with one line naming what to install when the framework is missing."""
+        names = (cls.framework,) if isinstance(cls.framework, str) else tuple(cls.framework or ())
+        missing = [name for name in names if not available(name)]
+        if missing:
+            how = f": {cls.install}" if cls.install else ""
+            raise MissingFrameworkError(f"backend {cls.name!r} needs {missing[0]}, which is not installed{how}")
+
+    @classmethod
+    def model_problem(cls, spec: str, weights=None) -> Optional[tuple]:
+        """Why a configuration's `model` (and `weights`) cannot run on this backend, as
+        (config key, reason), or None when it can. Called before anything is loaded."""
+        kind = model_kind(spec)
+        show = json.dumps
+        if kind == "name" and not cls.opens_model_names:
+            return "model", f"{show(spec)} is a models/ name, which backend {show(cls.name)} does not run"
+        if kind not in ("name", "factory") and kind not in cls.model_files:
+            return "backend", f"{show(cls.name)} cannot run model {show(spec)}"
+        if weights is not None and kind in cls.model_files:
+            return "weights", (f"{show(weights)} goes with a models/ name or \"package.module:factory\", not with "
+                               f"model {show(spec)} (the file holds its weights)")
+        return None
+
+    @classmethod
+    def open_model(cls, spec: str, weights=None, sample_shape=(3, 224, 224)):
+        """What this backend's __init__ takes as `model`, from a configuration's `model` and
+        `weights`. The base class opens "package.module:factory" (called with no arguments)."""
+        if model_kind(spec) != "factory":
+            raise MultisalError(f"model {spec!r}: backend {cls.name!r} opens only \"package.module:factory\"")
+        if weights is not None:
+            raise MultisalError(f"model {spec!r}: backend {cls.name!r} takes no weights file")
+        return call_factory(spec)
+
+    @classmethod
+    def worker_options(cls, options: dict, threads: int, gpus: float) -> dict:
+        """The options of a worker process (a Ray actor) with `threads` CPU threads and `gpus`
+        GPUs: where a backend sets its thread count (per process, or per session as an option)."""
+        return dict(options)
+
+
+def closest_names(name, names, n=5) -> list:
+    """Names like `name`: the same last component (a path under the wrong parent) first, then
+    similar spellings."""
+    names = list(names)
+    last = str(name).replace("/", ".").rsplit(".", 1)[-1]
+    same_leaf = [m for m in names if m.replace("/", ".").rsplit(".", 1)[-1] == last]
+    return list(dict.fromkeys(same_leaf + difflib.get_close_matches(str(name), names, n=n, cutoff=0.4)))[:n]
 
 
 def concatenate_results(parts) -> Result:
@@ -97,9 +273,17 @@ def concatenate_results(parts) -> Result:
     )
 
 
+def even_chunks(total: int, step: int):
+    """[(start, stop), ...] covering range(total) in chunks of at most `step` whose sizes differ by at
+    most one: 50 samples at 6 a batch run as 9 batches of 5-6, not 8 of 6 and a small, slow one of 2."""
+    count = -(-total // max(1, int(step)))
+    edges = [total * k // count for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def parse_bytes(budget) -> int:
     """A memory budget: bytes, or a string like '2GiB', '512MB'."""
-    if isinstance(budget, (int, float)):
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         return int(budget)
     text = str(budget).strip().upper().replace("IB", "B")
     for suffix, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
@@ -117,6 +301,8 @@ def check_input(x) -> np.ndarray:
     if x.ndim != 4:
         raise MultisalError(f"inputs must have shape (N,C,H,W), got shape {x.shape}; "
                             "use a preset's apply() to turn images into model inputs")
+    if len(x) == 0:
+        raise MultisalError("inputs hold no image (shape (0, ...)): give at least one")
     if x.dtype != np.float32:
         if x.dtype.kind != "f":
             raise MultisalError(f"inputs must be float32, got dtype {x.dtype}; use a preset's apply()")
@@ -124,48 +310,3 @@ def check_input(x) -> np.ndarray:
     if not np.isfinite(x).all():
         raise MultisalError("inputs contain NaN or infinite values")
     return np.ascontiguousarray(x)
-
-
-# name -> (module, class, extra that installs its framework, the framework's import name)
-_BACKENDS = {
-    "torch": ("multisal.backends.torch_backend", "TorchBackend", "torch", "torch"),
-    "onnx": ("multisal.backends.onnx_backend", "OnnxBackend", "onnx", "onnxruntime"),
-    "chainer": ("multisal.backends.chainer_backend", "ChainerBackend", None, "chainer"),
-}
-
-
-def require_framework(name) -> None:
-    """Fail with one line naming the extra to install when backend `name`'s framework is missing."""
-    if not isinstance(name, str) or name not in _BACKENDS:
-        raise MultisalError(f"unknown backend {name!r}: expected one of {', '.join(_BACKENDS)}")
-    _module, _class, extra, framework = _BACKENDS[name]
-    try:
-        importlib.import_module(framework)
-    except ImportError:
-        how = (f"pip install 'multisal[{extra}]'" if extra else
-               "a legacy environment with numpy<2 and chainer 7.8.1 (see README)")
-        raise MissingFrameworkError(f"backend {name!r} needs {framework}, which is not installed: {how}") from None
-
-
-def load_backend(name, model=None, **options) -> Backend:
-    """ms.load_backend("torch", model=module, device="cpu") and friends, or
-    ms.load_backend(config): a configuration dict or the path of a TOML file (multisal.config),
-    whose backend, model, weights, preset, size and backend table decide everything."""
-    if isinstance(name, Mapping) or isinstance(name, os.PathLike) or (
-            isinstance(name, str) and name not in _BACKENDS and (name.endswith(".toml") or os.path.isfile(name))):
-        if model is not None or options:
-            raise MultisalError("load_backend(config) takes no other arguments: put them in the configuration")
-        from .config import load_config
-        from .loader import build_backend
-        return build_backend(load_config(name))
-    require_framework(name)
-    module_name, class_name, _extra, _framework = _BACKENDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            raise MultisalError(f"backend {name!r} is not available in this version of multisal") from None
-        raise
-    if model is None:
-        raise MultisalError(f"load_backend({name!r}) needs model=")
-    return getattr(module, class_name)(model, **options)

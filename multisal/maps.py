@@ -1,10 +1,12 @@
 """Small array operations shared by the methods: channel reduction, resizing and scaling of maps."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from .errors import MultisalError
+from .frameworks import lazy_import
+
+cv2 = lazy_import("cv2")
 
 CHANNEL_REDUCE = ("max", "mean", None)
 

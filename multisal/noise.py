@@ -1,4 +1,12 @@
-"""Noise streams for SmoothGrad and Smooth Grad-CAM++.
+"""Noise: the streams SmoothGrad-style methods draw from, and the one driver that averages any
+per-sample quantity over noisy copies of the inputs (Captum's NoiseTunnel and PAIR's
+GetSmoothedMask are the models).
+
+    ms.smooth(ms.integrated_gradients, be, x, n=20, noise_level=0.1)   # SmoothGrad of IG
+    ms.smooth(ms.gradcam, be, x, n=8)                                   # a smoothed Grad-CAM
+
+smoothgrad (the vanilla gradient's map, averaged), smooth_gradcam_pp (the layer gradient's first
+three moments, averaged) and the explain job's progression figure are this driver too.
 
 Every image draws its samples from its own stream, seeded with `seed`, in sample order: an image's
 noise depends neither on how its samples are chunked into batches nor on the other images beside it,
@@ -11,22 +19,43 @@ the same map whichever images share its batch, on whichever engine or rerun.
   and cast to float32 as the write-up's `x += sigma * np.random.randn(...)` does.
 - an explicit array of shape (n,C,H,W) (the same noise for every image) or (N,n,C,H,W): the noise
   itself, in model space, added as it is (sigma and noise_level are not used).
+
+Sample counts: a fixed n; n="auto", which keeps sampling AUTO_STEP samples per image at a time
+until the image's running mean, scaled by its maximum, moved by less than `tol` (relative L2)
+over the last AUTO_STEP samples, or until `max_n`; or `checkpoints`, the running means after
+each of several sample counts from one pass (the Chainer write-up's figure).
 """
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from .backend import even_chunks
 from .errors import MultisalError
+from .maps import add_per_image
+from .objectives import clean_target
+from .presets import get_preset
+from .progress import progress_bar
+
+AUTO_STEP = 10
+# Upper bounds on sample counts: a typo of 10^6 would otherwise run for days.
+MAX_SAMPLES = 100_000
 
 
+class _DefaultNoiseLevel(float):
+    """The default noise_level: a float that can be told apart from a value the caller passed."""
+
+
+DEFAULT_NOISE_LEVEL = _DefaultNoiseLevel(0.15)
+
+
+# ---- streams ---------------------------------------------------------------------------------------
 class NoiseStream:
     def __init__(self, noise, x: np.ndarray, n: int, sigma: float, seed: int):
         self.x = x
         self.sigma = float(sigma)
         if isinstance(noise, str):
             self._rngs = [make_rng(noise, seed) for _ in range(len(x))]
-            self.kind, self.n, self._array = noise, int(n), None
+            self.kind, self.n, self._array = noise, check_samples(n), None
         else:
             arr = np.asarray(noise)
             if arr.ndim == 4 and arr.shape[1:] == x.shape[1:]:
@@ -34,13 +63,12 @@ class NoiseStream:
             if arr.ndim != 5 or arr.shape[0] != len(x) or arr.shape[2:] != x.shape[1:]:
                 raise MultisalError(f"noise array has shape {arr.shape}: expected (n,{','.join(map(str, x.shape[1:]))}) "
                                     f"or ({len(x)},n,{','.join(map(str, x.shape[1:]))})")
-            self.kind, self.n, self._array = "array", arr.shape[1], arr
-        if self.n < 1:
-            raise MultisalError(f"n={n}: the number of noisy samples must be at least 1")
+            self.kind, self.n, self._array = "array", check_samples(arr.shape[1]), arr
 
     def batches(self, step: int, progress=False, desc="samples"):
         """Yield (image index per sample, noisy inputs) in chunks of at most `step` samples."""
-        for start, stop in tqdm(even_chunks(len(self.x) * self.n, step), desc=desc, disable=not progress, unit="batch"):
+        for start, stop in progress_bar(even_chunks(len(self.x) * self.n, step), desc=desc, enabled=progress,
+                                        unit="batch"):
             yield np.arange(start, stop) // self.n, self.take(start, stop)
 
     def take(self, start: int, stop: int) -> np.ndarray:
@@ -51,6 +79,14 @@ class NoiseStream:
             samples = np.arange(start, stop) % self.n
             return (self.x[images] + self._array[images, samples]).astype(np.float32)
         return noisy_copies(self._rngs, self.kind, self.x, images, self.sigma)
+
+
+def check_samples(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise MultisalError(f"n={n!r}: the number of noisy samples must be an integer")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise MultisalError(f"n={n}: the number of noisy samples must be 1..{MAX_SAMPLES}")
+    return int(n)
 
 
 def noisy_copies(rngs, kind, x: np.ndarray, images: np.ndarray, sigma: float) -> np.ndarray:
@@ -76,18 +112,14 @@ def add_noise(rng, kind, base: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def make_rng(kind, seed):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0 \
+            or (kind == "legacy" and seed >= 2 ** 32):
+        raise MultisalError(f"seed={seed!r}: expected an integer >= 0 (below 2**32 for noise 'legacy')")
     if kind == "normal":
         return np.random.Generator(np.random.PCG64(seed))
     if kind == "legacy":
         return np.random.RandomState(seed)
     raise MultisalError(f"unknown noise {kind!r}: expected 'normal', 'legacy' or an array (n,C,H,W)")
-
-
-class _DefaultNoiseLevel(float):
-    """The default noise_level: a float that can be told apart from a value the caller passed."""
-
-
-DEFAULT_NOISE_LEVEL = _DefaultNoiseLevel(0.15)
 
 
 def resolve_sigma(noise_level, sigma, value_range, x: np.ndarray) -> float:
@@ -112,14 +144,121 @@ def value_range_of(be, preset):
     preset = preset if preset is not None else getattr(be, "preset", None)
     if preset is None:
         return None
-    from multisal.models.presets import get_preset
     return get_preset(preset).value_range
 
 
+# ---- the driver ------------------------------------------------------------------------------------
+def average_over_noise(per_sample, be, x, n=50, noise_level=DEFAULT_NOISE_LEVEL, sigma=None, noise="normal",
+                       seed=0, batch_size=None, progress=False, preset=None, desc="samples",
+                       tol=0.05, max_n=200, checkpoints=None, stats=None):
+    """The mean over noisy copies of x of per_sample(noisy, images): per_sample gets a batch of
+    noisy inputs and the index of the image each came from, and returns one array (or a tuple of
+    arrays) with a row per noisy input. Returns the mean per image in float64, shaped (N, ...) (a
+    tuple of them for a tuple); with `checkpoints` (for one image), the running means after each count,
+    stacked (len(checkpoints), ...). With n="auto" each image samples until its mean settles
+    (the module docstring), and stats["samples"] tells how many each one used."""
+    x = np.asarray(x, dtype=np.float32)
+    if isinstance(noise, str):
+        sigma = resolve_sigma(noise_level, sigma, value_range_of(be, preset), x)
+    elif sigma is not None:
+        raise MultisalError("an explicit noise array is added as it is: do not give sigma with it")
+    step = int(batch_size) if batch_size else be.batch_size(x.shape[1:])
+    if isinstance(n, str):
+        if n != "auto" or not isinstance(noise, str):
+            raise MultisalError(f"n={n!r}: expected a number of samples, or 'auto' with noise 'normal' or 'legacy'")
+        return _until_stable(per_sample, x, noise, sigma or 0.0, seed, step, tol, check_samples(max_n), stats,
+                             progress, desc)
+    if checkpoints is not None:
+        n = max(checkpoints)
+    if checkpoints is not None and len(x) != 1:
+        raise MultisalError(f"checkpoints are running means of one image, got {len(x)} images")
+    stream = NoiseStream(noise, x, n, sigma or 0.0, seed)
+    sums, done, running = None, 0, []
+    for images, noisy in stream.batches(step, progress, desc=desc):
+        values = per_sample(noisy, images)
+        single = not isinstance(values, tuple)
+        values = (values,) if single else values
+        if sums is None:
+            sums = [np.zeros((len(x), *v.shape[1:])) for v in values]
+        if checkpoints is None:
+            for total, v in zip(sums, values):
+                add_per_image(total, images, v)
+            continue
+        for row in zip(*values):   # one image, its samples in order
+            for total, r in zip(sums, row):
+                total[0] += r
+            done += 1
+            if done in checkpoints:
+                running.append([total[0] / done for total in sums])
+    if stats is not None:
+        stats["samples"] = np.full(len(x), stream.n)
+    means = [np.stack(m) for m in zip(*running)] if checkpoints is not None else [s / stream.n for s in sums]
+    return means[0] if single else tuple(means)
 
-def even_chunks(total: int, step: int):
-    """[(start, stop), ...] covering range(total) in chunks of at most `step` whose sizes differ by at
-    most one: 50 samples at 6 a batch run as 9 batches of 5-6, not 8 of 6 and a small, slow one of 2."""
-    count = -(-total // max(1, int(step)))
-    edges = [total * k // count for k in range(count + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+
+def _until_stable(per_sample, x, kind, sigma, seed, step, tol, max_n, stats, progress, desc):
+    """Sample AUTO_STEP more per still-moving image, round by round, until every running mean has
+    settled or reached max_n samples. Each image draws from its own stream, so it stops where it
+    would alone."""
+    rngs = [make_rng(kind, seed) for _ in range(len(x))]
+    sums, counts = None, np.zeros(len(x), dtype=np.int64)
+    previous = [None] * len(x)
+    active = np.arange(len(x))
+    bar = progress_bar(total=int(max_n), desc=f"{desc} auto", enabled=progress, unit="sample")
+    while len(active):
+        images = np.repeat(active, AUTO_STEP)
+        for start in range(0, len(images), step):
+            idx = images[start:start + step]
+            maps = per_sample(noisy_copies(rngs, kind, x, idx, sigma), idx)
+            if sums is None:
+                sums = np.zeros((len(x), *maps.shape[1:]))
+            add_per_image(sums, idx, maps)
+        counts[active] += AUTO_STEP
+        bar.update(AUTO_STEP)
+        still = []
+        for i in active:
+            mean = sums[i] / counts[i]
+            scaled = mean / max(float(np.abs(mean).max()), 1e-30)
+            settled = previous[i] is not None and \
+                np.linalg.norm(scaled - previous[i]) <= tol * np.linalg.norm(scaled)
+            previous[i] = scaled
+            if not settled and counts[i] < max_n:
+                still.append(i)
+        active = np.array(still, dtype=np.int64)
+    bar.close()
+    if stats is not None:
+        stats["samples"] = counts
+    return sums / counts.reshape(-1, *[1] * (sums.ndim - 1))
+
+
+def smooth(method, be, x, n=50, noise_level=DEFAULT_NOISE_LEVEL, sigma=None, noise="normal", seed=0, target=None,
+           batch_size=None, progress=False, preset=None, **method_kwargs):
+    r"""The mean of a method's maps over noisy copies of x: SmoothGrad's averaging around any method
+    (Smilkov et al. 2017; Captum's NoiseTunnel).
+
+    .. math:: \hat M(x) = \frac{1}{n} \sum_{i=1}^{n} M(x + \varepsilon_i), \quad
+              \varepsilon_i \sim \mathcal{N}(0, \sigma^2)
+
+    Args:
+        method: a saliency method, called as method(be, noisy, target=..., **method_kwargs) on
+            batches of noisy copies; it must return one map per input.
+        n, noise_level, sigma, noise, seed: the noise, as for ms.smoothgrad (noise_level is
+            relative to the preset's value range; sigma is absolute; give one).
+        target: as the method takes it; None is the argmax on the clean input, kept for every
+            noisy copy ("argmax_per_sample" lets each copy pick its own).
+        batch_size: noisy copies per method call (default: the backend's batch for this shape).
+
+    Example:
+        >>> ig_smoothed = ms.smooth(ms.integrated_gradients, be, x, n=10, noise_level=0.1, steps=20)
+    """
+    x = np.asarray(x, dtype=np.float32)
+    target = clean_target(be, x, target)
+
+    def per_sample(noisy, images):
+        return np.asarray(method(be, noisy, target=target[images] if isinstance(target, np.ndarray) else target,
+                                 **method_kwargs))
+
+    name = getattr(method, "__name__", "method")
+    mean = average_over_noise(per_sample, be, x, n=n, noise_level=noise_level, sigma=sigma, noise=noise, seed=seed,
+                              batch_size=batch_size, progress=progress, preset=preset, desc=f"smooth {name}")
+    return mean.astype(np.float32)

@@ -1,7 +1,33 @@
-"""Objectives and targets: what scalar a gradient is taken of.
+"""Objectives and targets: what scalar a gradient is taken of, defined once for every backend.
 
-The objective is a function of the model output and a target class. Backends compute it inside
-their own graph (no extra forward pass); this module only validates and normalises the request.
+An objective is a sum over the model's output of target weights W times a function of the scores:
+
+    objective(y) = sum over the batch and the output of  W * f(y)
+
+    logit            f(y) = y
+    softmax          f(y) = softmax(y)                     (over the class axis)
+    log_softmax      f(y) = log_softmax(y)
+    chainer_prob_ce  f(y) = -log_softmax(softmax(y))       (the Chainer write-up's
+                     softmax_cross_entropy applied to the softmax output `prob`)
+
+W comes from the target: the one-hot row of a class index per sample, or of the argmax of the
+same pass's output ("argmax_per_sample"), or the mask of a Region of a dense output. Samples stay
+independent (eval mode), so the gradient of the batch's sum is each sample's own gradient.
+
+`objective_terms` and `class_weights` are written once, over a handful of array operations that
+each backend supplies for its own arrays (`NumpyOps` here; torch tensors, Chainer Variables, and
+ONNX nodes that the gradient builder then differentiates like the rest of the graph), so no
+backend has its own copy of the formulas. No extra forward pass is needed: the objective is
+computed on the output of the same pass.
+
+Targets, as methods take them (one spelling per kind):
+- None: the argmax of the output on the clean input (methods that evaluate x at other points,
+  noise or a path, decide it with one forward pass first);
+- an int, or one int per image: those classes;
+- "argmax_per_sample" (ARGMAX_PER_SAMPLE): the argmax recomputed in every pass, noisy samples
+  included (the Chainer write-up does this);
+- ms.region(channel, box=... or mask=...): the sum of a channel over a region of a dense output.
+A backend's run() receives only the last three (int64 indices, ARGMAX_PER_SAMPLE, a Region).
 """
 from __future__ import annotations
 
@@ -14,11 +40,79 @@ from .errors import MultisalError
 
 OBJECTIVES = ("logit", "softmax", "log_softmax", "chainer_prob_ce")
 
-# A target handed to a backend: per-sample class indices, "argmax" (decided by the backend from the
-# output of the same pass), or a Region of a dense output.
-ARGMAX = "argmax"
+# The target kind whose class is decided in each pass from that pass's output.
+ARGMAX_PER_SAMPLE = "argmax_per_sample"
 
 
+# ---- the one definition ----------------------------------------------------------------------------
+def objective_scores(ops, scores, objective: str, class_axis: int):
+    """f(scores) of the objective, elementwise along the class axis."""
+    if objective == "logit":
+        return scores
+    if objective == "softmax":
+        return ops.softmax(scores, class_axis)
+    if objective == "log_softmax":
+        return ops.log_softmax(scores, class_axis)
+    if objective == "chainer_prob_ce":
+        return ops.neg(ops.log_softmax(ops.softmax(scores, class_axis), class_axis))
+    raise MultisalError(f"unknown objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+
+
+def objective_terms(ops, scores, weights, objective: str, class_axis: int):
+    """W * f(scores): a sample's objective is the sum of its terms, and a backend differentiates the
+    sum over the whole batch (ops.total)."""
+    return ops.mul(objective_scores(ops, scores, objective, class_axis), weights)
+
+
+def class_weights(ops, scores, target):
+    """(W, indices) for a class target of an (N, classes) output: the one-hot rows of the target's
+    class indices, or of this pass's argmax for ARGMAX_PER_SAMPLE (no gradient flows through it)."""
+    indices = ops.argmax(scores, 1) if is_argmax_per_sample(target) else ops.indices(target)
+    return ops.one_hot(indices, ops.shape(scores)[1]), indices
+
+
+class NumpyOps:
+    """The objective's operations on NumPy arrays (float64), for reference values and NumPy backends."""
+
+    @staticmethod
+    def softmax(x, axis):
+        z = np.exp(x - x.max(axis, keepdims=True))
+        return z / z.sum(axis, keepdims=True)
+
+    @staticmethod
+    def log_softmax(x, axis):
+        z = x - x.max(axis, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis, keepdims=True))
+
+    neg = staticmethod(np.negative)
+    mul = staticmethod(np.multiply)
+    total = staticmethod(np.sum)
+
+    @staticmethod
+    def argmax(x, axis):
+        return x.argmax(axis)
+
+    @staticmethod
+    def indices(target):
+        return np.asarray(target, dtype=np.int64)
+
+    @staticmethod
+    def one_hot(indices, n):
+        return np.eye(n)[indices]
+
+    @staticmethod
+    def shape(x):
+        return x.shape
+
+
+def objective_from_scores(scores: np.ndarray, objective: str, target) -> np.ndarray:
+    """The objective of each sample of a classifier's scores (N, classes), in float64 NumPy."""
+    s = np.asarray(scores, dtype=np.float64)
+    weights, _ = class_weights(NumpyOps, s, target)
+    return objective_terms(NumpyOps, s, weights, objective, 1).sum(axis=1)
+
+
+# ---- targets --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Region:
     """Sum of one output channel over a box or a mask of a dense output.
@@ -30,6 +124,11 @@ class Region:
     channel: int
     box: Optional[Tuple[int, ...]] = None
     mask: Optional[np.ndarray] = None
+
+    @staticmethod
+    def class_axis(output_shape) -> int:
+        """The axis of an output's channels: 1 for (N,C,H,W), the last for (N,T,C)."""
+        return 1 if len(output_shape) == 4 else len(output_shape) - 1
 
     def weights(self, output_shape) -> np.ndarray:
         """A float32 array shaped like one sample's output, 1 where the objective sums."""
@@ -83,22 +182,23 @@ def check_objective(objective: str) -> str:
     return objective
 
 
+def is_argmax_per_sample(target) -> bool:
+    return isinstance(target, str) and target == ARGMAX_PER_SAMPLE
+
+
 TargetSpec = Union[None, int, list, np.ndarray, str, Region]
 
 
 def expand_target(target: TargetSpec, n: int):
-    """Normalise a user target for a batch of n inputs.
+    """Normalise a method's target for a batch of n inputs.
 
-    Returns None (decide from the clean input), ARGMAX (decide per pass), a Region, or an int64
-    array of shape (n,).
+    Returns None (decide from the clean input), ARGMAX_PER_SAMPLE, a Region, or an int64 array (n,).
     """
-    if target is None or isinstance(target, Region):
+    if target is None or isinstance(target, Region) or is_argmax_per_sample(target):
         return target
     if isinstance(target, str):
-        if target == "argmax_per_sample":
-            return ARGMAX
         raise MultisalError(f"unknown target {target!r}: expected None, an int, a list of ints, "
-                            "'argmax_per_sample' or ms.region(...)")
+                            f"{ARGMAX_PER_SAMPLE!r} or ms.region(...)")
     arr = np.asarray(target)
     if arr.dtype.kind not in "iu" or arr.ndim > 1:
         raise MultisalError(f"target {target!r} must be an int or one int per image")
@@ -111,28 +211,19 @@ def expand_target(target: TargetSpec, n: int):
     return arr.astype(np.int64)
 
 
+def check_target(target, n: int):
+    """A backend's target for a batch of n: int64 indices (n,), ARGMAX_PER_SAMPLE or a Region."""
+    if target is None:
+        raise MultisalError(f"run() with an objective needs a target (class indices, {ARGMAX_PER_SAMPLE!r} "
+                            "or a region)")
+    return expand_target(target, n)
+
+
 def check_target_range(target: np.ndarray, n_classes: int) -> None:
     """Backends call this once the output size is known."""
     bad = target[(target < 0) | (target >= n_classes)]
     if bad.size:
         raise MultisalError(f"target {int(bad[0])} out of range: the model has {n_classes} classes (0..{n_classes - 1})")
-
-
-def objective_from_scores(scores: np.ndarray, objective: str, target: np.ndarray) -> np.ndarray:
-    """Reference value of the objective per sample, in NumPy (used by tests and the ONNX builder's checks)."""
-    s = scores.astype(np.float64)
-    idx = np.arange(len(s))
-    if objective == "logit":
-        return s[idx, target]
-    z = s - s.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    if objective == "softmax":
-        return np.exp(logp)[idx, target]
-    if objective == "log_softmax":
-        return logp[idx, target]
-    prob = np.exp(logp)
-    z2 = prob - prob.max(1, keepdims=True)
-    return -(z2 - np.log(np.exp(z2).sum(1, keepdims=True)))[idx, target]
 
 
 def clean_target(be, x: np.ndarray, target: TargetSpec):
@@ -149,4 +240,4 @@ def clean_target(be, x: np.ndarray, target: TargetSpec):
 def same_pass_target(target: TargetSpec, n: int):
     """The backend target for methods whose one pass is on the clean input: None -> that pass's argmax."""
     t = expand_target(target, n)
-    return ARGMAX if t is None else t
+    return ARGMAX_PER_SAMPLE if t is None else t

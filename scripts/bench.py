@@ -76,7 +76,7 @@ import torch
 
 import multisal as ms
 from multisal import models
-from multisal.demo import demo_photos
+from multisal.app.demo import demo_photos
 
 BATCH_SIZES = (1, 5, 10, 25, 50)
 NOISE_LEVEL = 0.15          # SmoothGrad's and Smooth Grad-CAM++'s sigma, relative to the preset's value range
@@ -194,7 +194,7 @@ class Setup:
 
 
 def export_onnx(net, path):
-    """The module exported with torch's dynamo exporter and a free batch axis (as models.export_onnx)."""
+    """The module exported with torch's dynamo exporter and a free batch axis (as the onnx backend exports models/ names)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=True, input_names=["input"],
@@ -502,7 +502,7 @@ def adaptive_smoothgrad(be, photos, tol=0.05, n_ref=100):
     """Per photo: the samples n="auto" used, and the fewest samples whose map is within `tol` of
     the n=100 map for good (relative L2 of the max-scaled maps; the same noise stream, so the map
     after k samples is smoothgrad(n=k))."""
-    from multisal.explain import smoothgrad_progression
+    from multisal.app.job import smoothgrad_progression
     rows = []
     for name, x in photos.items():
         stats = {}

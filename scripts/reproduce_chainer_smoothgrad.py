@@ -20,7 +20,7 @@ file). Nothing is downloaded: the file must be there.
 
 Backends: "chainer" (the legacy environment, .venv-legacy: VGG16Layers itself), "torch"
 (multisal.models.load("vgg16-chainer", weights=...)) or "onnx" (that model exported to ONNX and
-cached, see multisal.models.export_onnx).
+cached, see multisal.backends.onnx.model.exported_model).
 
     python scripts/reproduce_chainer_smoothgrad.py cheetah.png --weights VGG_ILSVRC_16_layers.npz
     .venv-legacy/bin/python scripts/reproduce_chainer_smoothgrad.py cheetah.png \\
@@ -83,7 +83,7 @@ def load_backend(name, weights, device, preset):
     if name == "torch":
         return ms.load_backend("torch", model=models.load("vgg16-chainer", weights=weights), device=device,
                                preset=preset)
-    return ms.load_backend("onnx", model=str(models.export_onnx("vgg16-chainer", weights=weights)), preset=preset)
+    return ms.load_backend("onnx", model=str(exported_model("vgg16-chainer", weights=weights)), preset=preset)
 
 
 def checkpoint_maps(be, x, samples, sigma, seed, checkpoints=CHECKPOINTS, progress=True):

@@ -11,9 +11,9 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from helpers import assert_agree
-from multisal.backends.onnx_grad import GradientRequest, build_gradient_model
-from multisal.backends.onnx_grad.builder import grad_name
-from multisal.backends.onnx_grad.objective import TARGET_INPUT
+from multisal.backends.onnx.grad.builder import GradientRequest, build_gradient_model
+from multisal.backends.onnx.grad.builder import grad_name
+from multisal.backends.onnx.grad.objective import TARGET_INPUT
 from multisal.objectives import objective_from_scores
 
 F32, F64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE

@@ -43,12 +43,13 @@ def wheel(tmp_path_factory):
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("multisal/__init__.py", "multisal/backend.py", "multisal/methods/smoothgrad.py",
-                   "multisal/backends/torch_backend.py", "multisal/models/__init__.py",
-                   "multisal/models/presets.py", "multisal/models/efficientnet_lite.py"):
+                   "multisal/backends/torch/backend.py", "multisal/models/__init__.py",
+                   "multisal/presets.py", "multisal/models/efficientnet_lite.py", "multisal/app/cli.py",
+                   "multisal/backends/onnx/grad/rules/__init__.py", "multisal/backends/chainer/backend.py"):
         assert needed in names, needed
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
-    assert entry and b"multisal = multisal.cli:main" in zipfile.ZipFile(wheel).read(entry[0])
+    assert entry and b"multisal = multisal.app.cli:main" in zipfile.ZipFile(wheel).read(entry[0])
 
 
 def _fresh_venv(tmp_path):
@@ -65,7 +66,7 @@ def _fresh_venv(tmp_path):
 
 def _check_installed(venv, tmp_path):
     py = venv / "bin" / "python"
-    out = subprocess.run([str(py), "-c", "import multisal, multisal.backends.torch_backend, multisal.models, "
+    out = subprocess.run([str(py), "-c", "import multisal, multisal.backends.torch.backend, multisal.models, "
                           "multisal.methods.cam; print(multisal.__file__)"],
                          check=True, capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.startswith(str(venv)), out.stdout

@@ -2,11 +2,14 @@
 the target class, by gradient ascent on score - l2_reg * ||I||^2 from random noise, with a random
 jitter before each step (undone after), clamping to the valid pixel range and a light blur as
 implicit regularisers."""
-import cv2
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import MultisalError
+from ..frameworks import lazy_import
+from ..presets import get_preset
+from ..progress import progress_bar
+
+cv2 = lazy_import("cv2")
 
 
 def _blur(img, sigma):
@@ -18,8 +21,6 @@ def _blur(img, sigma):
 def class_visualization(be, target, size=(224, 224), preset=None, l2_reg=1e-3, lr=25, iterations=100,
                         blur_every=10, max_jitter=16, seed=0, channels=3, progress=False):
     """-> HWC uint8 RGB image maximising the target's logit."""
-    from ..models.presets import get_preset
-
     preset = preset if preset is not None else getattr(be, "preset", None)
     if preset is None:
         raise MultisalError("class_visualization needs preset= (the model's preprocessing, e.g. 'efficientnet-lite')")
@@ -31,7 +32,7 @@ def class_visualization(be, target, size=(224, 224), preset=None, l2_reg=1e-3, l
     img = rng.standard_normal((channels, height, width)).astype(np.float32)
     lo, hi = (np.asarray(v, np.float32)[:, None, None] for v in preset.channel_range)
     tgt = np.array([int(target)])
-    for t in tqdm(range(int(iterations)), desc="class_visualization", disable=not progress):
+    for t in progress_bar(range(int(iterations)), desc="class_visualization", enabled=progress):
         oy, ox = rng.integers(0, max_jitter + 1, size=2)
         img = np.roll(img, (oy, ox), axis=(1, 2))
         g = be.run(img[None], "logit", tgt, input_grad=True).input_grad[0]

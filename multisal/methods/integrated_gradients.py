@@ -5,12 +5,12 @@ integral by the right Riemann sum (a_k = k/m, w_k = 1/m), which is the default h
 default is Gauss-Legendre, offered under the same name as Captum's.
 """
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..backend import even_chunks
 from ..errors import MultisalError
 from ..maps import add_per_image
-from ..noise import even_chunks
 from ..objectives import check_objective, clean_target
+from ..progress import progress_bar
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
@@ -52,8 +52,8 @@ def integrated_gradients(be, x, target=None, baseline=None, steps=50, objective=
     flat_weight = np.tile(weights, len(x))
     images = np.repeat(np.arange(len(x)), len(alphas))
     step = int(batch_size) if batch_size else be.batch_size(x.shape[1:])
-    for start, stop in tqdm(even_chunks(len(images), step), desc="integrated_gradients", disable=not progress,
-                            unit="batch"):
+    for start, stop in progress_bar(even_chunks(len(images), step), desc="integrated_gradients", enabled=progress,
+                                    unit="batch"):
         sl = slice(start, stop)
         idx = images[sl]
         a = flat_alpha[sl].astype(np.float32)[:, None, None, None]

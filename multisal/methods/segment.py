@@ -1,11 +1,13 @@
 """Saliency-seeded segmentation (Simonyan et al. 2013, section 3.1): GrabCut whose foreground
 model is seeded by the most salient pixels (above the `threshold` quantile of the map) and whose
 background model by the least salient (below the `background` quantile)."""
-import cv2
 import numpy as np
 
 from ..errors import MultisalError
+from ..frameworks import lazy_import
 from ..maps import resize_maps
+
+cv2 = lazy_import("cv2")
 
 
 def segment(image, saliency, threshold=0.95, background=0.3, iterations=5, smooth=True):

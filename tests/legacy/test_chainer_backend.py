@@ -124,16 +124,16 @@ def test_objective_matches_the_reference_values():
 @pytest.mark.parametrize("objective", ["logit", "chainer_prob_ce"])
 def test_samples_are_independent(x, objective):
     be = ms.load_backend("chainer", model=_seeded(SmallNet(), 5))
-    batch = be.run(x, objective, "argmax", input_grad=True)
+    batch = be.run(x, objective, "argmax_per_sample", input_grad=True)
     for i in range(len(x)):
-        one = be.run(x[i:i + 1], objective, "argmax", input_grad=True)
+        one = be.run(x[i:i + 1], objective, "argmax_per_sample", input_grad=True)
         assert one.target[0] == batch.target[i]
         assert_agree(batch.input_grad[i:i + 1], one.input_grad, tol=1e-5)
 
 
 def test_argmax_target_is_decided_per_pass(x):
     be = ms.load_backend("chainer", model=_seeded(SmallNet(), 6))
-    res = be.run(x, "logit", "argmax", input_grad=True)
+    res = be.run(x, "logit", "argmax_per_sample", input_grad=True)
     np.testing.assert_array_equal(res.target, res.outputs.argmax(1))
     with pytest.raises(ms.MultisalError, match="target 7 out of range: the model has 7 classes"):
         be.run(x, "logit", np.array([0, 7, 1]), input_grad=True)
@@ -180,7 +180,7 @@ def test_vgg16layers_protocol(x):
     assert be.layer_names() == ["conv1", "conv2", "pool", "fc", "prob"]
     assert be.output_name == "fc"            # the layer before the softmax "prob": logits
     assert be.default_layer(x.shape[1:]) == "pool"
-    res = be.run(x, "chainer_prob_ce", "argmax", layers=["conv2", "pool"], input_grad=True)
+    res = be.run(x, "chainer_prob_ce", "argmax_per_sample", layers=["conv2", "pool"], input_grad=True)
     assert res.outputs.shape == (3, 7) and set(res.gradients) == {"conv2", "pool"}
     # chainer_prob_ce is softmax_cross_entropy(prob, t), as the write-up takes it from layers=['prob'].
     with chainer.using_config("train", False):
@@ -194,7 +194,7 @@ def test_vgg16layers_protocol(x):
     be_prob = ms.load_backend("chainer", model=net, output="prob")
     np.testing.assert_allclose(be_prob.predict(x).sum(1), 1, rtol=1e-6)
     with pytest.raises(ms.MultisalError, match="unknown layer 'conv3' in SmallLayers: closest: conv2, conv1"):
-        be.run(x, "logit", "argmax", layers=["conv3"])
+        be.run(x, "logit", "argmax_per_sample", layers=["conv3"])
     with pytest.raises(ms.MultisalError, match="unknown layer 'logits' in SmallLayers"):
         ms.load_backend("chainer", model=net, output="logits")
 
@@ -218,7 +218,7 @@ def test_dict_returning_callable(x):
     assert be.layer_names() == ["c1", "c2", "logits", "prob"] and be.output_name == "logits"
     assert be.default_layer(x.shape[1:]) == "c2"
     with pytest.raises(ms.MultisalError, match="unknown layer 'c3' in named: closest: c2, c1"):
-        be.run(x, "logit", "argmax", layers=["c3"])
+        be.run(x, "logit", "argmax_per_sample", layers=["c3"])
 
 
 def test_region_objective_on_a_dense_output():
@@ -240,12 +240,12 @@ def test_clear_errors(x):
         be.predict(x)
     plain = ms.load_backend("chainer", model=lambda xv: F.sum(xv, axis=(2, 3)))
     with pytest.raises(ms.MultisalError, match="unknown layer 'conv' in <lambda>: this model has no named layers"):
-        plain.run(x, "logit", "argmax", layers=["conv"])
+        plain.run(x, "logit", "argmax_per_sample", layers=["conv"])
     with pytest.raises(ms.MultisalError, match="device 'cuda' is not usable by chainer"):
         ms.load_backend("chainer", model=_seeded(SmallNet(), 1), device="cuda")
     for bad in (ms.MultisalError, ValueError):   # one type, still a ValueError for old callers
         with pytest.raises(bad):
-            ms.load_backend("chainer", model=_seeded(SmallNet(), 1)).run(x, "logit", "argmax", layers=["nope"])
+            ms.load_backend("chainer", model=_seeded(SmallNet(), 1)).run(x, "logit", "argmax_per_sample", layers=["nope"])
 
 
 def test_batch_size_from_the_memory_budget(x):
@@ -254,8 +254,8 @@ def test_batch_size_from_the_memory_budget(x):
     tiny = ms.load_backend("chainer", model=_seeded(SmallNet(), 1), memory_budget=1)
     assert tiny.batch_size(x.shape[1:]) == 1
     # Chunked runs give what one run gives.
-    whole = be.run(x, "logit", "argmax", input_grad=True)
-    chunked = tiny.run(x, "logit", "argmax", input_grad=True)
+    whole = be.run(x, "logit", "argmax_per_sample", input_grad=True)
+    chunked = tiny.run(x, "logit", "argmax_per_sample", input_grad=True)
     np.testing.assert_allclose(chunked.input_grad, whole.input_grad, rtol=1e-6, atol=1e-9)
 
 
@@ -278,7 +278,7 @@ def test_every_method_runs_under_numpy_1(x, tmp_path):
     vis = ms.class_visualization(be, 2, size=(8, 8), preset="raw", iterations=3, blur_every=2, max_jitter=1)
     assert vis.shape == (8, 8, 3) and vis.dtype == np.uint8
     # Rendering and presets.
-    from multisal import render
+    from multisal.app import render
     pre = ms.get_preset("chainer-vgg16")
     rgb = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
     xin = pre.apply(rgb, size=(8, 8))

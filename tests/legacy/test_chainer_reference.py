@@ -44,7 +44,7 @@ from PIL import Image
 
 import multisal as ms
 from helpers import agrees, assert_agree
-from multisal.models.presets import RESAMPLE
+from multisal.presets import RESAMPLE
 
 WEIGHTS_SEED = 2         # the network's weights (test_the_reference_is_informative says what it gives)
 SEED = 0                 # np.random.seed(SEED) before the write-up's loop = noise="legacy", seed=SEED
@@ -157,7 +157,7 @@ def reference(tmp_path_factory):
     model = seeded_vgg16()
     photo = skimage.data.chelsea()
     # The write-up resizes a PIL image with image.resize((224, 224)); the filter is the preset's.
-    image = Image.fromarray(photo).resize((224, 224), RESAMPLE[PRESET.resample])
+    image = Image.fromarray(photo).resize((224, 224), Image.Resampling[RESAMPLE[PRESET.resample]])
     cases = {}
     for name, (n, level) in CASES.items():
         M, G, labels, probs = writeup_smoothgrad(model, image, n, level, SEED)

@@ -1,0 +1,376 @@
+"""Chainer adapter for the backend seam (the legacy environment: numpy<2, chainer 7.8.1).
+
+Three kinds of model are understood, and their layers keep the names Chainer gives them:
+
+* a link with ``available_layers`` and ``__call__(x, layers=[...])`` returning a dict of named
+  Variables, as chainer.links.VGG16Layers, VGG19Layers, ResNet50Layers and GoogLeNet do
+  ("conv5_3", "pool5", "fc8", "prob", ...). Their last layer, "prob", is the softmax of the one
+  before it, so the model output the objectives see is that one: "fc8" (the logits) for VGG16,
+  and objective "chainer_prob_ce" recomputes softmax(fc8) inside the objective, which is exactly
+  the write-up's ``softmax_cross_entropy(model(x, layers=['prob'])['prob'], t)``;
+* any callable returning a dict (a mapping) of named Variables computed in one forward pass, in
+  execution order: the same rule picks the output (the last entry, or the one before a final
+  "prob"), and every entry is a layer;
+* any other chainer.Link (or callable) returning one Variable, the output: every sub-link's output
+  is a layer, recorded with a chainer.LinkHook and named by its path as ``namedlinks`` spells it,
+  without the leading slash ("predictor/conv1"; "/predictor/conv1" is accepted too).
+
+``output="name"`` picks another model output for the first two kinds.
+
+Every call runs under ``chainer.using_config('train', False)`` (dropout off, batch statistics
+frozen) with backprop enabled only when a gradient is asked for. Gradients come from one
+``chainer.grad(outputs=[objective], inputs=[x and/or the layer Variables])`` call: Chainer walks
+only the part of the graph between those inputs and the objective, so no parameter gradient is
+ever computed and Grad-CAM never differentiates below its layer. The objective is the sum over the
+batch of each sample's objective (not Chainer's default mean), so samples stay independent.
+
+Models come from a configuration as "vgg16-chainer" (chainer.links.VGG16Layers with `weights` its
+.npz) or "package.module:factory" (a Link; `weights` loaded with chainer.serializers.load_npz).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+
+from multisal.backend import Backend, ByteSize, Result, parse_bytes
+from multisal.errors import MultisalError
+from multisal.frameworks import lazy_import
+from multisal.modelspec import call_factory, model_kind
+from multisal.objectives import Region, check_target_range, class_weights, objective_terms
+from multisal.registry import register_backend
+
+chainer = lazy_import("chainer")
+F = lazy_import("chainer.functions")
+L = lazy_import("chainer.links")
+
+# Bytes of activations one call may hold. Chainer's CPU convolutions go through im2col, whose
+# buffers grow with the batch: VGG16 at 224x224 on 2 cores takes 1.0 s a sample at batch 1,
+# 1.3 s at batch 2 and 1.9 s at batch 5, so the budget keeps VGG16 at one sample a call (its
+# activations are about 60 MB a sample, counted twice for the backward pass).
+CPU_MEMORY_BUDGET = 128 << 20
+
+
+def _resolve_device(device):
+    if device in (None, "cpu", "@numpy"):
+        return chainer.get_device("@numpy")
+    try:
+        return chainer.get_device(device)
+    except Exception as err:  # chainer raises ValueError, RuntimeError or ImportError by case
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MultisalError(f"device {device!r} is not usable by chainer: {reason} "
+                            "(expected 'cpu', '@numpy', '@cupy:0' or '@intel64')") from None
+
+
+def _to_numpy(array) -> np.ndarray:
+    return np.asarray(chainer.backend.CpuDevice().send(array))
+
+
+def _default_output(names):
+    """The model output among named layers: the last one, or the one before a final softmax 'prob'."""
+    if len(names) > 1 and names[-1] == "prob":
+        return names[-2]
+    return names[-1]
+
+
+def _recorder(names_by_id, wanted=None):
+    """A chainer.LinkHook that records the output Variable of every named sub-link called during
+    a forward pass, in the order the calls finish (its `seen`)."""
+    class Recorder(chainer.LinkHook):
+        name = "multisal_recorder"
+
+        def __init__(self):
+            self.seen = []
+
+        def forward_postprocess(self, args):
+            name = names_by_id.get(id(args.link))
+            if name is not None and (wanted is None or name in wanted):
+                self.seen.append((name, args.out))
+
+    return Recorder()
+
+
+@register_backend
+class ChainerBackend(Backend):
+    name = "chainer"
+    framework = "chainer"
+    install = "a legacy environment with numpy<2 and chainer 7.8.1 (see README)"
+
+    def __init__(self, model, output: Optional[str] = None, device: str = "cpu",
+                 memory_budget: Optional[ByteSize] = None, preset=None):
+        if not callable(model):
+            raise MultisalError(f"the chainer backend needs a chainer.Link or a callable chain, got {type(model).__name__}")
+        self.model = model
+        self.device = _resolve_device(device)
+        if isinstance(model, chainer.Link) and device not in (None, "cpu", "@numpy"):
+            model.to_device(self.device)
+        self.preset = preset
+        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else CPU_MEMORY_BUDGET
+        self._model_name = type(model).__name__ if isinstance(model, chainer.Link) else (
+            getattr(model, "__name__", None) or type(model).__name__)
+        if isinstance(model, chainer.Link) and hasattr(model, "available_layers"):
+            self.kind = "layers"            # VGG16Layers and friends: model(x, layers=[...])
+            self._names = [str(n) for n in model.available_layers]
+            if not self._names:
+                raise MultisalError(f"{self._model_name}.available_layers is empty")
+        else:
+            self.kind = None                # decided by the first forward: a dict or one Variable
+            self._names = None
+        self._links = {}
+        if isinstance(model, chainer.Link) and self.kind is None:
+            self._links = {path.lstrip("/"): link for path, link in model.namedlinks(skipself=True)}
+        if output is not None and not isinstance(output, str):
+            raise MultisalError(f"output={output!r} must be a layer name")
+        self._output = output
+        if output is not None and self.kind == "layers" and output not in self._names:
+            raise self.unknown_layer(output)
+        self._traces = {}
+
+    # ---- layers -------------------------------------------------------------------------------
+    def describe(self):
+        return self._model_name
+
+    def layer_names(self):
+        if self.kind == "layers":
+            return list(self._names)
+        if self._links:
+            return list(self._links)
+        if self._names is None:
+            return []
+        return list(self._names)
+
+    @property
+    def output_name(self):
+        """The named layer used as the model output (None when the model returns one Variable)."""
+        if self.kind == "layers" or self.kind == "dict":
+            return self._output or _default_output(self._names)
+        return None
+
+    def _canonical(self, name):
+        if not isinstance(name, str):
+            raise MultisalError(f"layer names are strings, got {type(name).__name__} {name!r}")
+        if self._links and name not in self._links and name.lstrip("/") in self._links:
+            return name.lstrip("/")
+        return name
+
+    @property
+    def sample_shape(self):
+        """A chainer link declares no input size."""
+        return None
+
+    @contextmanager
+    def _explained(self, shape):
+        """Chainer's type check explains a bad input shape over many lines: say it in one."""
+        try:
+            yield
+        except chainer.utils.type_check.InvalidType as err:
+            reason = " ".join(str(err).split())
+            shown = "(N, " + ", ".join(str(int(d)) for d in shape[1:]) + ")"
+            raise MultisalError(f"{self._model_name} rejects inputs of shape {shown}: {reason[:200]}") from None
+
+    def _call(self, xv, wanted=None):
+        """Call a model of the second or third kind: (its return value, [(sub-link name, output)])."""
+        recorder = _recorder({id(link): name for name, link in self._links.items()}, wanted)
+        if self._links:
+            with recorder:
+                out = self.model(xv)
+        else:
+            out = self.model(xv)
+        if isinstance(out, Mapping):
+            names = [str(k) for k in out]
+            if not names:
+                raise MultisalError(f"{self._model_name} returned an empty dict")
+            if self.kind != "dict":
+                self.kind, self._links = "dict", {}
+            self._names = names
+            if self._output is not None and self._output not in names:
+                raise self.unknown_layer(self._output)
+        elif isinstance(out, chainer.Variable):
+            if self.kind is None and self._output is not None:
+                raise MultisalError(f"output={self._output!r}: {self._model_name} returns one Variable, not named outputs")
+            self.kind = "variable"
+        else:
+            raise MultisalError(f"{self._model_name} returns {type(out).__name__}; the chainer backend needs a model "
+                                "returning one Variable or a dict of named Variables")
+        return out, recorder.seen
+
+    def _forward(self, xv, layers):
+        """One forward pass: (output Variable, {layer: Variable}) for the requested layers."""
+        if self.kind == "layers":
+            for name in layers:
+                if name not in self._names:
+                    raise self.unknown_layer(name)
+            out_name = self.output_name
+            res = self.model(xv, layers=list(dict.fromkeys([out_name, *layers])))
+            return res[out_name], {n: res[n] for n in layers}
+        for name in layers:
+            if self.kind == "variable" and name not in self._links:
+                raise self.unknown_layer(name)
+        out, seen = self._call(xv, set(layers))
+        if self.kind == "dict":
+            for name in layers:
+                if name not in out:
+                    raise self.unknown_layer(name)
+            return out[self.output_name], {n: out[n] for n in layers}
+        for name in layers:
+            if name not in self._links:
+                raise self.unknown_layer(name)
+        captured = dict(seen)   # a link called twice: its last call, as the torch backend does
+        missing = [n for n in layers if n not in captured]
+        if missing:
+            raise MultisalError(f"layer {missing[0]!r} did not run in the forward pass")
+        return out, captured
+
+    def _trace(self, sample_shape):
+        """([(name, shape without batch, bytes)] of the named activations up to the output, in
+        execution order, the output's shape, its bytes) for one zero input. Cached per shape."""
+        key = tuple(sample_shape)
+        if key not in self._traces:
+            xv = chainer.Variable(self.device.send(np.zeros((1, *key), np.float32)))
+            with chainer.using_config("train", False), chainer.no_backprop_mode(), self._explained((1, *key)):
+                if self.kind == "layers":
+                    res = self.model(xv, layers=list(self._names))
+                    out = res[self.output_name]
+                    stop = self._names.index(self.output_name)
+                    seen = [(n, res[n]) for n in self._names[:stop + 1] if n in res]
+                else:
+                    ret, recorded = self._call(xv)
+                    if self.kind == "dict":
+                        out = ret[self.output_name]
+                        seen = list(ret.items())[:self._names.index(self.output_name) + 1]
+                    else:
+                        out = ret
+                        # A chain returns its last child's Variable: keep the innermost name per Variable.
+                        first = {}
+                        for name, v in recorded:
+                            first.setdefault(id(v), name)
+                        seen = [(n, v) for n, v in recorded if first[id(v)] == n]
+            shapes = [(n, tuple(v.shape[1:]), v.array.nbytes) for n, v in seen if isinstance(v, chainer.Variable)]
+            self._traces[key] = (shapes, tuple(out.shape), out.array.nbytes)
+        return self._traces[key]
+
+    def candidate_layers(self, sample_shape):
+        """[(layer name, shape without batch)] of 4-D activations with spatial size > 1 up to the model
+        output, in execution order: the layers Grad-CAM can use."""
+        shapes, _, _ = self._trace(sample_shape)
+        return [(n, s) for n, s, _ in shapes if len(s) == 3 and s[1] * s[2] > 1]
+
+    # ---- memory budget ------------------------------------------------------------------------
+    def sample_bytes(self, sample_shape):
+        shapes, _, out_bytes = self._trace(sample_shape)
+        return max(1, 2 * (sum(b for _, _, b in shapes) or out_bytes))
+
+    # ---- the seam -----------------------------------------------------------------------------
+    def _run(self, x, objective, target, layers, input_grad):
+        canonical = [self._canonical(n) for n in layers]   # results keep the caller's spelling
+        want_grad = objective is not None and bool(input_grad or layers)
+        with chainer.using_config("train", False), chainer.using_config("enable_backprop", want_grad):
+            # With any gradient asked for, x requires grad so that every activation does; chainer.grad
+            # still differentiates only between the requested inputs and the objective.
+            xv = chainer.Variable(self.device.send(x), requires_grad=want_grad)
+            with self._explained(x.shape):
+                out, captured = self._forward(xv, canonical)
+            result = Result(outputs=_to_numpy(out.array))
+            result.activations = {n: _to_numpy(captured[c].array) for n, c in zip(layers, canonical)}
+            if objective is None:
+                return result
+            value, result.target = self._objective(out, objective, target)
+            if not want_grad:
+                return result
+            wrt = ([xv] if input_grad else []) + [captured[c] for c in canonical]
+            grads = chainer.grad([value], wrt)
+        names = (["input"] if input_grad else []) + list(layers)
+        for name, g in zip(names, grads):
+            if g is None:
+                what = "the input" if name == "input" and input_grad else f"layer {name!r}"
+                raise MultisalError(f"the objective does not depend on {what}")
+        if input_grad:
+            result.input_grad = _to_numpy(grads[0].array)
+            grads = grads[1:]
+        result.gradients = {n: _to_numpy(g.array) for n, g in zip(layers, grads)}
+        return result
+
+    def _objective(self, out, objective, target):
+        """The sum over the batch of each sample's objective (samples stay independent in eval mode)."""
+        ops = _ChainerOps(self.device)
+        if isinstance(target, Region):
+            weights = self.device.send(target.weights(tuple(out.shape)))
+            return ops.total(objective_terms(ops, out, weights, objective, Region.class_axis(out.shape))), None
+        if out.ndim != 2:
+            raise MultisalError(f"the model output has shape {tuple(out.shape)}; a class target needs (N, classes), "
+                                "use ms.region(channel, box=...) for dense outputs")
+        if isinstance(target, np.ndarray):
+            check_target_range(target, out.shape[1])
+        weights, idx = class_weights(ops, out, target)
+        return ops.total(objective_terms(ops, out, weights, objective, 1)), idx
+
+    # ---- from a configuration ------------------------------------------------------------------
+    @classmethod
+    def model_problem(cls, spec, weights=None):
+        if model_kind(spec) == "name" and spec != "vgg16-chainer":
+            return "model", (f"\"{spec}\" is a PyTorch model; backend \"chainer\" runs \"vgg16-chainer\" (weights = a "
+                             "Chainer .npz) or \"package.module:factory\"")
+        return super().model_problem(spec, weights)
+
+    @classmethod
+    def open_model(cls, spec, weights=None, sample_shape=(3, 224, 224)):
+        weights = os.path.expanduser(weights) if weights else None
+        if model_kind(spec) == "name":
+            if weights is None or not os.path.isfile(weights):
+                raise MultisalError(f"model 'vgg16-chainer' needs weights = a Chainer VGG_ILSVRC_16_layers.npz; "
+                                    f"{weights!r} not found")
+            return L.VGG16Layers(pretrained_model=weights)
+        if model_kind(spec) != "factory":
+            raise MultisalError(f"model {spec!r}: the chainer backend runs 'vgg16-chainer' or 'package.module:factory'")
+        link = call_factory(spec)
+        if weights is not None:
+            try:
+                chainer.serializers.load_npz(weights, link)
+            except Exception as err:
+                raise MultisalError(f"cannot load weights {weights!r} into {spec!r}: {err}") from None
+        return link
+
+
+class _ChainerOps:
+    """The objective's operations (multisal.objectives) on Chainer Variables."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def softmax(x, axis):
+        return F.softmax(x, axis=axis)
+
+    @staticmethod
+    def log_softmax(x, axis):
+        return F.log_softmax(x, axis=axis)
+
+    @staticmethod
+    def neg(x):
+        return -x
+
+    @staticmethod
+    def mul(a, b):
+        return a * b
+
+    @staticmethod
+    def total(x):
+        return F.sum(x)
+
+    @staticmethod
+    def argmax(x, axis):
+        return _to_numpy(x.array.argmax(axis=axis)).astype(np.int64)
+
+    @staticmethod
+    def indices(target):
+        return np.asarray(target, dtype=np.int64)
+
+    def one_hot(self, indices, n):
+        return self.device.send(np.eye(n, dtype=np.float32)[indices])
+
+    @staticmethod
+    def shape(x):
+        return tuple(x.shape)

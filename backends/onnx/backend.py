@@ -1,0 +1,289 @@
+"""ONNX adapter for the backend seam: gradient graphs run in onnxruntime.
+
+For each request (objective, layers, input gradient, input shape) the backend builds the model's
+gradient graph once (multisal.backends.onnx.grad), caches it on disk keyed by the model's content
+and the request, and runs it in onnxruntime: one session run gives the outputs, the gradients and
+the activations. The model is prepared once (multisal.backends.onnx.model: read safely, checked,
+a fixed batch of 1 rewritten where that is sound, else one image per call).
+
+Models come from a configuration as an .onnx file, "package.module:factory" (returning an .onnx
+path or an onnx.ModelProto) or a models/ name, which is exported from PyTorch once and cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import numpy as np
+
+from multisal.backend import Backend, ByteSize, Result, concatenate_results, parse_bytes
+from multisal.errors import MissingFrameworkError, MultisalError
+from multisal.files import write_atomic
+from multisal.frameworks import available, lazy_import
+from multisal.modelspec import call_factory, model_kind
+from multisal.objectives import Region, check_objective, check_target_range, is_argmax_per_sample
+from multisal.registry import register_backend
+
+from .grad.builder import FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, grad_name, probe
+from .grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
+from .model import exported_model, prepare_model
+
+onnx = lazy_import("onnx")
+ort = lazy_import("onnxruntime")
+helper = lazy_import("onnx.helper")
+
+CPU_MEMORY_BUDGET = 1 << 30
+CACHE_FALLBACK = 16 << 20   # the last-level cache assumed where the machine does not say
+CACHE_FORMAT = "4"   # bump when the gradient graphs multisal writes change
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "multisal" / "onnx"
+
+
+def last_level_cache_bytes(folder="/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest CPU cache of this machine, from Linux's sysfs; CACHE_FALLBACK where it says nothing."""
+    sizes = []
+    for entry in Path(folder).glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=CACHE_FALLBACK)
+
+
+def _channels_last(model, shapes):
+    """Names of 4-D tensors laid out (N, H, W, C), which are no Grad-CAM layers: a Transpose's output
+    with perm [0, 2, 3, 1], and what a node makes of such a tensor (its first input) keeping the
+    leading (N, H, W): ConvNeXt's and Swin's LayerNorm, Linear and GELU on channels-last maps, whose
+    last two axes (W, C) would otherwise pass for a spatial size."""
+    found = set()
+    for node in model.graph.node:
+        if node.op_type == "Transpose":
+            perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+            if perm == [0, 2, 3, 1]:
+                found.add(node.output[0])
+        elif node.input and node.input[0] in found:
+            found.update(o for o in node.output if len(shapes.get(o, ())) == 4
+                         and shapes[o][:3] == shapes[node.input[0]][:3])
+    return found
+
+
+@register_backend
+class OnnxBackend(Backend):
+    name = "onnx"
+    framework = ("onnxruntime", "onnx")
+    install = "pip install 'multisal[onnx]'"
+    model_files = {".onnx": "an .onnx model"}
+
+    def __init__(self, model, providers: Optional[Annotated[List[str], "a list of onnxruntime provider names"]] = None,
+                 threads: Optional[int] = None,
+                 cache_dir: Optional[str] = None, preset=None, memory_budget: Optional[ByteSize] = None):
+        prepared = prepare_model(model)
+        available_providers = ort.get_available_providers()
+        if providers is None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
+                if "CUDAExecutionProvider" in available_providers else ["CPUExecutionProvider"]
+        unknown = [p for p in providers if p not in available_providers]
+        if unknown:
+            raise MultisalError(f"onnxruntime provider {unknown[0]!r} is not available here: available are "
+                                f"{', '.join(available_providers)}")
+        self.providers = list(providers)
+        self.threads = threads
+        self.preset = preset
+        self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else CPU_MEMORY_BUDGET
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.source = prepared.source
+        self.input_name = prepared.input_name
+        self._input_dims = prepared.input_dims
+        self.batch_one = prepared.batch_one
+        self.model = prepared.model
+        self._digest = hashlib.sha256(self.model.SerializeToString()).hexdigest()
+        self._sessions = {}
+        self._probes = {}
+        self._sample_bytes = {}
+
+    # ---- from a configuration ------------------------------------------------------------------
+    @classmethod
+    def open_model(cls, spec, weights=None, sample_shape=(3, 224, 224)):
+        kind = model_kind(spec)
+        if kind == "name":
+            return str(exported_model(spec, weights, sample_shape=tuple(sample_shape)))
+        if kind in cls.model_files:
+            return os.path.expanduser(spec)
+        if weights is not None:
+            raise MultisalError(f"model {spec!r}: the onnx backend takes no weights file (the .onnx holds them)")
+        net = call_factory(spec)
+        if isinstance(net, os.PathLike):
+            net = str(net)
+        if not isinstance(net, (str, onnx.ModelProto)):
+            raise MultisalError(f"model {spec!r}: the factory returned {type(net).__name__}; the onnx backend needs "
+                                "an .onnx path or an onnx.ModelProto (export a torch module with torch.onnx.export)")
+        return net
+
+    @classmethod
+    def worker_options(cls, options, threads, gpus):
+        # onnxruntime's threads are a session option; with onnxruntime-gpu it picks CUDA by itself.
+        return {"threads": max(1, int(threads)), **options}
+
+    def describe(self):
+        return self.source
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def _session(self, model_bytes):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+        return ort.InferenceSession(model_bytes, options, providers=self.providers)
+
+    def _request_session(self, request, sample_shape):
+        key = (request, tuple(sample_shape))
+        if key not in self._sessions:
+            digest = hashlib.sha256(f"{self._digest}|{request}|{tuple(sample_shape)}|{CACHE_FORMAT}".encode()).hexdigest()
+            path = self.cache_dir / f"{digest}.onnx"
+            if path.is_file():
+                data = path.read_bytes()
+            else:
+                grad_model = build_gradient_model(self.model, request, sample_shape, batch=1 if self.batch_one else 2)
+                data = grad_model.SerializeToString()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, data)
+            self._sessions[key] = self._session(data)
+        return self._sessions[key]
+
+    def _check_shape(self, sample_shape):
+        for axis, (want, got) in enumerate(zip(self._input_dims[1:], sample_shape), start=1):
+            if want is not None and want != got:
+                raise MultisalError(f"{self.source} expects input {self.input_name!r} of shape "
+                                    f"{['N', *self._input_dims[1:]]}, got {('N', *sample_shape)} (axis {axis})")
+        if len(self._input_dims) != len(sample_shape) + 1:
+            raise MultisalError(f"{self.source} expects a {len(self._input_dims)}-D input, got {len(sample_shape) + 1}-D")
+
+    def _probe(self, sample_shape):
+        key = tuple(sample_shape)
+        if key not in self._probes:
+            self._check_shape(key)
+            self._probes[key] = probe(self.model, key, 1 if self.batch_one else 2)
+        return self._probes[key]
+
+    # ---- layers -------------------------------------------------------------------------------
+    def layer_names(self):
+        return [o for node in self.model.graph.node for o in node.output if o]
+
+    @property
+    def sample_shape(self):
+        """The (C, H, W) the model declares, with None for free axes."""
+        return tuple(self._input_dims[1:])
+
+    def candidate_layers(self, sample_shape):
+        """[(tensor name, shape without batch)] of float 4-D node outputs with spatial size > 1, in
+        graph order: the layers Grad-CAM can use."""
+        shapes, dtypes, _ = self._probe(sample_shape)
+        nhwc = _channels_last(self.model, shapes)
+        return [(o, shapes[o][1:]) for node in self.model.graph.node for o in node.output
+                if o and dtypes.get(o) in FLOAT_TYPES and len(shapes.get(o, ())) == 4
+                and shapes[o][2] * shapes[o][3] > 1 and o not in nhwc]
+
+    def _activation_bytes(self, sample_shape):
+        """{tensor: bytes per sample} of every node output, at each tensor's own width."""
+        key = tuple(sample_shape)
+        if key not in self._sample_bytes:
+            shapes, dtypes, _ = self._probe(key)
+            activations = set(self.layer_names())
+            self._sample_bytes[key] = {name: helper.tensor_dtype_to_np_dtype(dtypes[name]).itemsize
+                                       * int(np.prod(s[1:])) for name, s in shapes.items() if name in activations and s}
+        return self._sample_bytes[key]
+
+    def sample_bytes(self, sample_shape):
+        # The gradient graph keeps the forward's activations and about half as much again.
+        return max(1, 3 * sum(self._activation_bytes(sample_shape).values()) // 2)
+
+    def batch_size(self, sample_shape):
+        if self.batch_one:
+            return 1
+        batch = super().batch_size(sample_shape)
+        if self.providers[0] == "CPUExecutionProvider":
+            # onnxruntime's CPU kernels are fastest while a layer's tensors stay in the last-level
+            # cache: a backward step holds about three tensors the size of its activation (incoming
+            # gradient, mask or activation, outgoing gradient); past that, each sample costs more
+            # (README, "ONNX models"). Autograd, by contrast, gains from larger batches.
+            shapes, dtypes, _ = self._probe(sample_shape)
+            largest = max((b for name, b in self._activation_bytes(sample_shape).items()
+                           if dtypes[name] in FLOAT_TYPES and len(shapes[name]) > 1), default=0)
+            batch = min(batch, max(1, last_level_cache_bytes() // max(1, 3 * largest)))
+        return batch
+
+    # ---- the seam -----------------------------------------------------------------------------
+    def _run(self, x, objective, target, layers, input_grad):
+        self._check_shape(x.shape[1:])
+        if self.batch_one and len(x) > 1:
+            return concatenate_results([self._run(x[i:i + 1], objective, target[i:i + 1] if isinstance(target, np.ndarray)
+                                           else target, layers, input_grad) for i in range(len(x))])
+        self.check_layers(layers)
+        if objective is None:
+            return self._forward(x, layers)
+        region = isinstance(target, Region)
+        request = GradientRequest(layers=tuple(layers), input_grad=bool(input_grad), objective=objective, region=region)
+        session = self._request_session(request, x.shape[1:])
+        feeds = {self.input_name: x}
+        if region:
+            shape = self._probe(x.shape[1:])[0][self.model.graph.output[0].name]
+            feeds[REGION_INPUT] = target.weights(shape)
+        elif is_argmax_per_sample(target):
+            feeds[TARGET_INPUT] = np.full(len(x), -1, np.int64)
+        else:
+            n_classes = self._probe(x.shape[1:])[0][self.model.graph.output[0].name][1]
+            check_target_range(np.asarray(target), n_classes)
+            feeds[TARGET_INPUT] = np.asarray(target, np.int64)
+        names = [o.name for o in session.get_outputs()]
+        values = dict(zip(names, session.run(None, feeds)))
+        result = Result(outputs=values[self.model.graph.output[0].name],
+                        target=values.get(USED_TARGET),
+                        input_grad=values[grad_name(self.input_name)] if input_grad else None,
+                        activations={n: values[act_name(n)] for n in layers},
+                        gradients={n: values[grad_name(n)] for n in layers})
+        return result
+
+    def _forward(self, x, layers):
+        key = ("forward", tuple(layers))
+        if key not in self._sessions:
+            shapes, dtypes, _ = self._probe(x.shape[1:])
+            m = onnx.ModelProto()
+            m.CopyFrom(self.model)
+            for name in layers:
+                m.graph.output.append(helper.make_tensor_value_info(name, dtypes[name], ["N", *shapes[name][1:]]))
+            self._sessions[key] = self._session(m.SerializeToString())
+        session = self._sessions[key]
+        values = session.run(None, {self.input_name: x})
+        n_out = len(self.model.graph.output)
+        return Result(outputs=values[0], activations=dict(zip(layers, values[n_out:])))
+
+
+def export_gradient_graph(src, dst, layers=(), objective="logit", input_grad=True, input_shape=None, region=False):
+    """Write the gradient graph of the model at `src` to `dst`: a self-contained .onnx whose inputs are
+    the model's input plus the objective's target (int64 per image, -1 = argmax) or region weights,
+    and whose outputs are the original outputs, the input gradient ("multisal_grad:<input>") and,
+    per layer, the activation ("multisal_act:<layer>") and its gradient ("multisal_grad:<layer>").
+
+    A model with a fixed batch of 1 whose batch rewrite is unsound (see prepare_model) gives a
+    gradient graph of batch 1, exactly what the backend runs one image at a time.
+    Returns the path written."""
+    OnnxBackend.require_framework()
+    check_objective(objective)
+    prepared = prepare_model(src)
+    if input_shape is None:
+        if any(d is None for d in prepared.sample_shape):
+            raise MultisalError(f"{src} has a free input size {prepared.input_dims}: give input_shape=(C, H, W)")
+        input_shape = prepared.sample_shape
+    request = GradientRequest(layers=tuple(layers), input_grad=input_grad, objective=objective, region=region)
+    grad_model = build_gradient_model(prepared.model, request, tuple(input_shape), batch=1 if prepared.batch_one else 2)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dst, grad_model.SerializeToString())
+    return dst

@@ -1,0 +1,294 @@
+"""Reverse-mode differentiation of an ONNX graph, pruned to what was asked.
+
+1. A probe run in onnxruntime records every tensor's shape and type (rules need static shapes for
+   things like ConvTranspose's output padding; the batch axis is probed at 2 where it is free).
+   Zero Pads that only convolutions read are folded into their pads (fold_pads_into_convs).
+2. Forward from the differentiated tensors (the input and/or the layers) mark what depends on them,
+   through float tensors only: integer and shape paths (Shape, Gather on shapes, Range, Cast to
+   int, ...) never carry a gradient.
+3. Backward from the explained output keep the nodes on a path between the two; only those are
+   differentiated, in reverse order, each by its op's rule, so Grad-CAM writes no backward below
+   its layer and no parameter gradient is ever formed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from multisal.backend import closest_names
+from multisal.errors import MultisalError
+from multisal.frameworks import lazy_import
+
+from .context import FLOAT, FLOAT_TYPES, INT32, INT64, RULES, GradContext
+from .objective import build_objective
+from .rules import elementwise, nn, pool_norm, tensor  # noqa: F401  (they fill RULES)
+from .rules import math as _math_rules, shape as _shape_rules  # noqa: F401
+from .rules.tensor import pad_params
+
+onnx = lazy_import("onnx")
+ort = lazy_import("onnxruntime")
+helper = lazy_import("onnx.helper")
+numpy_helper = lazy_import("onnx.numpy_helper")
+
+INPUT_GRAD_PREFIX = "multisal_grad:"
+ACTIVATION_PREFIX = "multisal_act:"
+
+
+@dataclass(frozen=True)
+class GradientRequest:
+    layers: Tuple[str, ...] = ()
+    input_grad: bool = True
+    objective: str = "logit"
+    region: bool = False           # the objective's weights come from an input (dense outputs)
+    output: Optional[str] = None   # the explained graph output; None = the first
+
+
+def grad_name(tensor):
+    return INPUT_GRAD_PREFIX + tensor
+
+
+def act_name(tensor):
+    return ACTIVATION_PREFIX + tensor
+
+
+def model_opset(model) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise MultisalError("the model imports no default ONNX opset")
+
+
+def graph_input(model):
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise MultisalError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                            "multisal explains models with one image input")
+    return inputs[0]
+
+
+def constant_values(model):
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            a = node.attribute[0]
+            if a.name == "value":
+                values[node.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                values[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+    return values
+
+
+INT_TYPES = {INT64, INT32}
+# Ops whose output depends on their input's shape, not its values; and ops that draw at random.
+SHAPE_ONLY_OPS = {"Shape", "Size", "EyeLike"}
+RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def value_free_tensors(model):
+    """The tensors whose values do not depend on the input's values: initializers, Constants,
+    Shape and Size outputs, and what is computed from those alone (nodes come in topological order).
+    Only these may be taken for constants from a probe run: an ArgMax or TopK index is the same on
+    the probe's zero input at every batch size, but not on real inputs."""
+    free = {init.name for init in model.graph.initializer}   # Constant nodes pass below: they have no inputs
+    for node in model.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue   # a subgraph may read any outer tensor
+        if node.op_type in SHAPE_ONLY_OPS or (node.op_type not in RANDOM_OPS
+                                              and all(not i or i in free for i in node.input)):
+            free.update(o for o in node.output if o)
+    return free
+
+
+def probe(model, sample_shape, batch):
+    """Shapes and element types of every tensor, from onnxruntime runs on a zero input; and the
+    values of small integer tensors computed from shapes and constants alone that do not change
+    with the batch size (pads, shapes and indices computed from the image size), which rules may
+    treat as constants.
+
+    Returns (shapes, dtypes, shape_constants); shapes are those of the run at `batch`.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    probe_model = onnx.ModelProto()
+    probe_model.CopyFrom(model)
+    known = {o.name for o in probe_model.graph.output}
+    for node in probe_model.graph.node:
+        for name in node.output:
+            if name and name not in known and types.get(name):
+                probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+                known.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inp = graph_input(model)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    names = [o.name for o in session.get_outputs()]
+
+    def run(n):
+        return dict(zip(names, session.run(None, {inp.name: np.zeros((n, *sample_shape), dtype=dtype)})))
+
+    values = run(batch)
+    # A model with a fixed batch only ever sees that batch; otherwise compare two batch sizes.
+    dims = inp.type.tensor_type.shape.dim
+    fixed = bool(dims) and dims[0].HasField("dim_value")
+    other = values if fixed else run(batch + 1)
+    shapes, dtypes, shape_constants = {}, {}, {}
+    value_free = value_free_tensors(model)
+    for name, value in values.items():
+        value = np.asarray(value)
+        shapes[name] = tuple(value.shape)
+        dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        if dtypes[name] in INT_TYPES and value.size <= 64 and name in value_free \
+                and np.array_equal(value, np.asarray(other[name])):
+            shape_constants[name] = value
+    shapes[inp.name] = (batch, *sample_shape)
+    dtypes[inp.name] = inp.type.tensor_type.elem_type
+    for name, value in constant_values(model).items():
+        shapes[name] = tuple(value.shape)
+        dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    return shapes, dtypes, shape_constants
+
+
+def _batched(shape):
+    """A probed shape with its batch axis left free."""
+    return ["N", *shape[1:]]
+
+
+def fold_pads_into_convs(model, ctx, keep=()):
+    """A copy of `model` where each zero Pad of the spatial axes whose output only Convs read (as
+    their data input) is folded into those Convs' own pads: the same function, but its gradient
+    needs no Slice to undo the Pad and no convolution gradient at the padded size, which is
+    cropped afterwards. torch's TorchScript exporter writes TF-style "same" padding that way (the
+    pads computed at run time from the input's shape, constant for one image size), as in
+    EfficientNet-Lite0, where Pad and the Slices came to about 10% of the gradient graph. Nodes
+    left without a reader go too. `keep`: tensors that must stay (asked-for layers)."""
+    readers = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    keep = set(keep) | {o.name for o in model.graph.output}
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    nodes = list(result.graph.node)
+    by_output = {o: i for i, node in enumerate(nodes) for o in node.output}
+    folded = set()
+    for node in model.graph.node:
+        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx") or node.output[0] in keep:
+            continue
+        users = readers[node.output[0]]
+        if not users or any(u.op_type != "Conv" or list(u.input).count(node.output[0]) != 1 or u.input[0] != node.output[0]
+                            or ctx.attr(u, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for u in users):
+            continue
+        try:
+            mode, rank, pads = pad_params(ctx, node)
+        except MultisalError:   # pads computed from the input's values: not foldable
+            continue
+        value = ctx.attr(node, "value", 0.0) if ctx.opset < 11 else \
+            (ctx.const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0)
+        if mode != "constant" or value is None or np.any(np.asarray(value) != 0) \
+                or any(axis < 2 or min(p) < 0 for axis, p in pads.items()):
+            continue
+        spatial = rank - 2
+        for user in users:
+            conv = nodes[by_output[user.output[0]]]
+            old = list(ctx.attr(conv, "pads", [0] * (2 * spatial)))
+            new = [old[d] + pads.get(2 + d, (0, 0))[0] for d in range(spatial)] + \
+                  [old[spatial + d] + pads.get(2 + d, (0, 0))[1] for d in range(spatial)]
+            for attribute in [a for a in conv.attribute if a.name in ("pads", "auto_pad")]:
+                conv.attribute.remove(attribute)
+            conv.attribute.append(helper.make_attribute("pads", new))
+            conv.input[0] = node.input[0]
+        folded.add(node.output[0])
+    if not folded:
+        return model
+    needed, kept = set(keep), []
+    for node in reversed(nodes):
+        if not folded.intersection(node.output) and any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(node.input)
+    del result.graph.node[:]
+    result.graph.node.extend(reversed(kept))
+    return result
+
+
+def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sample_shape, batch=2) -> onnx.ModelProto:
+    """A copy of `model` with the objective, the gradients and the activations as extra outputs."""
+    graph = model.graph
+    opset = model_opset(model)
+    inp = graph_input(model).name
+    output = request.output or graph.output[0].name
+    shapes, dtypes, shape_constants = probe(model, sample_shape, batch)
+    for layer in request.layers:
+        if layer not in shapes or layer == inp:
+            close = closest_names(layer, [n for n in shapes if len(shapes[n]) == 4])
+            raise MultisalError(f"unknown layer {layer!r}: no tensor of that name in the model"
+                                + (f"; closest: {', '.join(close)}" if close else "; see `multisal layers MODEL`"))
+    wrt = ([inp] if request.input_grad else []) + list(request.layers)
+    constants = {**shape_constants, **constant_values(model)}
+    model = fold_pads_into_convs(model, GradContext(opset, shapes, dtypes, constants, set()), keep=request.layers)
+    graph = model.graph
+
+    depends = set(wrt)
+    for node in graph.node:
+        if any(i in depends for i in node.input if i):
+            depends.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
+    needed, active_nodes = {output}, []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
+            active_nodes.append(node)
+            needed.update(i for i in node.input if i in depends)
+    for name in wrt:
+        if name not in needed:
+            raise MultisalError(f"the output {output!r} does not depend on {name!r}: nothing to differentiate")
+
+    float_type = dtypes[output] if dtypes.get(output) in FLOAT_TYPES else FLOAT
+    ctx = GradContext(opset, shapes, dtypes, constants, needed & depends, float_type=float_type)
+    # The objective's forward nodes come first, differentiated like the model's from the seed
+    # d objective / d f(output) = W (objective.py).
+    first = len(ctx.nodes)
+    scores, weights, extra_inputs, extra_outputs = build_objective(ctx, output, request.objective, request.region)
+    objective_nodes = ctx.nodes[first:]
+    for node in objective_nodes:
+        if node.op_type not in SHAPE_ONLY_OPS and any(i in ctx.active for i in node.input):
+            ctx.active.update(o for o in node.output if ctx.dtypes.get(o) in FLOAT_TYPES)
+    grads = {scores: [weights]}
+    totals = {}
+
+    def total(name):
+        if name not in totals:
+            totals[name] = ctx.add_all(grads.get(name, []))
+        return totals[name]
+
+    for node in list(reversed(objective_nodes)) + active_nodes:
+        dys = [total(o) if o else None for o in node.output]
+        if all(d is None for d in dys):
+            continue
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            raise MultisalError(f"no gradient rule for op {node.op_type} (node {node.name or node.output[0]!r}, "
+                                f"opset {opset}{', domain ' + node.domain if node.domain else ''})")
+        for i, dx in enumerate(rule(ctx, node, dys)):
+            if dx is not None and ctx.needs(node, i):
+                grads.setdefault(node.input[i], []).append(dx)
+
+    wrt_totals = {name: total(name) for name in wrt}
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    g = result.graph
+    g.node.extend(ctx.nodes)
+    g.initializer.extend(ctx.initializers)
+    g.input.extend(extra_inputs)
+    g.output.extend(extra_outputs)
+    for name in wrt:
+        g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=f"multisal_grad_out/{name}"))
+        g.output.append(helper.make_tensor_value_info(grad_name(name), dtypes[name], _batched(shapes[name])))
+    for name in request.layers:
+        g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))
+        g.output.append(helper.make_tensor_value_info(act_name(name), dtypes[name], _batched(shapes[name])))
+    return result

@@ -1,0 +1,1 @@
+"""The PyTorch backend: autograd with hooks on the asked-for layers."""

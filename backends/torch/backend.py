@@ -1,0 +1,417 @@
+"""PyTorch autograd adapter for the backend seam.
+
+One forward pass per call with the objective computed on its output, then one torch.autograd.grad
+call whose inputs are exactly what was asked for: autograd then only walks the part of the graph
+between the objective and those tensors, so Grad-CAM never differentiates below its layer.
+Parameters are switched to requires_grad=False for the duration of a call, so no parameter
+gradient is ever computed and the forward pass saves no tensors that only weight gradients need.
+
+Models come from a configuration as a models/ name (multisal.models), "package.module:factory"
+(an nn.Module; `weights` a state dict loaded with weights_only=True, so no code is unpickled) or a
+TorchScript file (.pt/.pth from torch.jit.save).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+
+from multisal import models
+from multisal.allocator import reuses_large_blocks
+from multisal.backend import Backend, ByteSize, Result, parse_bytes
+from multisal.errors import MultisalError
+from multisal.frameworks import lazy_import
+from multisal.modelspec import call_factory, model_kind
+from multisal.objectives import Region, check_target_range, class_weights, objective_terms
+from multisal.registry import register_backend
+
+from .fold import fold_batchnorm
+
+torch = lazy_import("torch")
+
+# Bytes of activations one call may hold (forward + backward) on the CPU. With glibc's malloc as it
+# comes, a block above its mmap threshold (32 MiB at most) is unmapped when freed and faulted in
+# again by the next call, so batches whose largest activation stays below it are fastest:
+# EfficientNet-Lite0 at 6 samples (1 GiB). Once ms.tune_malloc() has run, freed blocks are reused
+# and larger batches spread each layer's fixed costs: SmoothGrad takes about 9% less time on
+# EfficientNet-Lite0 at 13 samples and on ResNet-50 at 12 than at 6 (2 GiB).
+CPU_MEMORY_BUDGET = 1 << 30
+CPU_MEMORY_BUDGET_TUNED_MALLOC = 2 << 30
+# Folding BatchNorm changes float32 rounding only (relative error of the outputs ~1e-7); a folded
+# model further off than this from the model is not used.
+_FOLD_TOLERANCE = 1e-4
+_FOLDED_VARIANTS = 4
+
+
+def _resolve_device(device):
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MultisalError(f"device {device!r} is not a torch device: expected 'cpu', 'cuda', 'cuda:0' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MultisalError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+@register_backend
+class TorchBackend(Backend):
+    name = "torch"
+    framework = "torch"
+    install = "pip install 'multisal[torch]'"
+    model_files = {".pt": "a .pt/.pth file", ".pth": "a .pt/.pth file"}
+
+    def __init__(self, model, device: str = "cpu", memory_budget: Optional[ByteSize] = None, preset=None,
+                 channels_last: Optional[bool] = None, fold_batchnorm: bool = True):
+        if not isinstance(model, torch.nn.Module):
+            raise MultisalError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device).eval()
+        # oneDNN's CPU convolutions (depthwise ones above all) run faster on NHWC: SmoothGrad on
+        # EfficientNet-Lite0 takes about 20% less time. The maths is unchanged.
+        self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        self.preset = preset
+        # BatchNorm folded into the conv before it (backends/torch_fold.py), one variant per set of
+        # asked-for layers (they stay unfolded); None where the model cannot be folded.
+        self.fold_batchnorm = bool(fold_batchnorm)
+        self._folded = {}
+        self._folded_convs = {}    # conv name -> the conv with its BatchNorm folded in, shared by the variants
+        self._folded_from = None   # _weights_state() when they were folded
+        self._modules = dict(self.model.named_modules())
+        self._bytes_per_sample = {}
+
+    @property
+    def memory_budget(self):
+        """The budget given, else the default: half the free GPU memory, or on the CPU one that
+        depends on whether tune_malloc() has run (it may run after the backend is made)."""
+        if self._memory_budget is not None:
+            return self._memory_budget
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return free // 2
+        return CPU_MEMORY_BUDGET_TUNED_MALLOC if reuses_large_blocks() else CPU_MEMORY_BUDGET
+
+    # ---- from a configuration ------------------------------------------------------------------
+    @classmethod
+    def open_model(cls, spec, weights=None, sample_shape=(3, 224, 224)):
+        kind = model_kind(spec)
+        if kind == "name":
+            return models.load(spec, weights)
+        if kind in cls.model_files:
+            return _torchscript(os.path.expanduser(spec))
+        net = call_factory(spec)
+        if not isinstance(net, torch.nn.Module):
+            raise MultisalError(f"model {spec!r}: the factory returned {type(net).__name__}; the torch backend needs "
+                                "an nn.Module")
+        if weights is not None:
+            try:
+                net.load_state_dict(_state_dict(weights))
+            except RuntimeError as err:
+                raise MultisalError(f"weights {weights!r} do not fit {spec!r}: "
+                                    f"{str(err).strip().splitlines()[-1].strip()}") from None
+        return net
+
+    @classmethod
+    def worker_options(cls, options, threads, gpus):
+        torch.set_num_threads(max(1, int(threads)))
+        if gpus > 0:
+            options = {"device": "cuda", **options}
+        return dict(options)
+
+    # ---- layers -------------------------------------------------------------------------------
+    def layer_names(self):
+        return [name for name in self._modules if name]
+
+    def _module(self, name):
+        if name not in self._modules or not name:
+            raise self.unknown_layer(name)
+        return self._modules[name]
+
+    def _trace(self, sample_shape):
+        """One forward pass on a single zero input, recording every module's output in order, with
+        its version counter (which in-place ops bump) at that moment."""
+        seen = []
+        handles = []
+
+        def record(name):
+            def hook(_module, _inputs, output):
+                if isinstance(output, torch.Tensor):
+                    seen.append((name, output, output._version))
+            return hook
+
+        for name, module in self._modules.items():
+            if name:
+                handles.append(module.register_forward_hook(record(name)))
+        try:
+            with torch.no_grad():
+                out = self.model(torch.zeros((1, *sample_shape), device=self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return seen, out
+
+    @property
+    def sample_shape(self):
+        """A torch module declares no input size."""
+        return None
+
+    def candidate_layers(self, sample_shape):
+        """[(module path, shape without batch)] of 4-D module outputs with spatial size > 1, in
+        execution order: the layers Grad-CAM can use."""
+        seen, _ = self._trace(tuple(sample_shape))
+        # A container returns its last child's tensor: keep the first (innermost) name per tensor.
+        # A tensor changed in place later (ResNet's `out += identity` then ReLU(inplace=True) on a
+        # BatchNorm's output) is the same object with a higher version: a different value, so the
+        # BatchNorm does not take the name of the block's output.
+        first_name = {}
+        for name, t, version in seen:
+            first_name.setdefault((id(t), version), name)
+        result = []
+        for name, t, version in seen:
+            if first_name[(id(t), version)] == name and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
+                result.append((name, tuple(t.shape[1:])))
+        return result
+
+    # ---- memory budget ------------------------------------------------------------------------
+    def sample_bytes(self, sample_shape):
+        key = tuple(sample_shape)
+        if key not in self._bytes_per_sample:
+            seen, _ = self._trace(key)
+            # Forward keeps roughly every activation for backward; backward holds about as much again.
+            # A container's output is its last child's tensor, an in-place op's its input's: count
+            # each storage once (ResNet-50: 85 MiB a sample, not 154).
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t, _ in seen}
+            self._bytes_per_sample[key] = max(1, 2 * sum(storages.values()))
+        return self._bytes_per_sample[key]
+
+    # ---- BatchNorm folding --------------------------------------------------------------------
+    def _model_for(self, layers, x):
+        """The module a call runs: the model with its BatchNorms folded where that works and
+        computes the model's outputs on this call's first input, else the model itself."""
+        if not self.fold_batchnorm:
+            return self.model
+        state = self._weights_state()
+        if state != self._folded_from:   # weights changed since the folds (trained, reloaded): fold anew
+            self._folded.clear()
+            self._folded_convs.clear()
+            self._folded_from = state
+        key = frozenset(layers)
+        if key not in self._folded:
+            if len(self._folded) >= _FOLDED_VARIANTS:
+                self._folded.pop(next(iter(self._folded)))
+            try:
+                self._folded[key] = self._fold(key, x[:1])
+            except Exception:   # noqa: BLE001 - the model fails on this input: let the call report it
+                return self.model
+        return self._folded[key] or self.model
+
+    def _weights_state(self):
+        """Which tensors the model's parameters and buffers are, and how often each was changed in
+        place (an optimizer step or load_state_dict bumps the count)."""
+        return [(id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers())]
+
+    def _fold(self, keep, probe):
+        try:
+            folded, count = fold_batchnorm(self.model, keep, self._folded_convs)
+        except Exception:   # noqa: BLE001 - a model torch.fx cannot trace runs unfolded
+            return None
+        if count == 0:
+            return None
+        probe = torch.from_numpy(probe).to(self.device)
+        if self.channels_last:
+            folded.to(memory_format=torch.channels_last)
+            probe = probe.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected, actual = self.model(probe), folded(probe)
+        if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)
+                and expected.shape == actual.shape):
+            return None
+        error = torch.linalg.vector_norm((actual - expected).double()) / torch.linalg.vector_norm(expected.double())
+        return folded if error <= _FOLD_TOLERANCE else None
+
+    # ---- the seam -----------------------------------------------------------------------------
+    @contextmanager
+    def _no_parameter_grads(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def _run(self, x, objective, target, layers, input_grad):
+        captured = {}
+        handles = []
+
+        def capture(name):
+            def hook(_module, _inputs, output):
+                if not isinstance(output, torch.Tensor):
+                    raise MultisalError(f"layer {name!r} returns {type(output).__name__}, not a tensor")
+                if want_grad and not output.requires_grad:
+                    # Nothing upstream needs a gradient (no input gradient asked): start the graph
+                    # here, so backward stops at this layer.
+                    output = output.detach().requires_grad_(True)
+                captured[name] = output
+                # Hand a copy downstream so an in-place op after this layer cannot alter (or break the
+                # autograd history of) the activation we report.
+                return output.clone()
+            return hook
+
+        want_grad = objective is not None and bool(input_grad or layers)
+        model = self._model_for(layers, x)
+        for name in layers:
+            handles.append(self._module(name).register_forward_hook(capture(name)))
+        try:
+            with self._no_parameter_grads(), torch.set_grad_enabled(want_grad):
+                xt = torch.from_numpy(x).to(self.device)
+                if self.channels_last:
+                    xt = xt.contiguous(memory_format=torch.channels_last)
+                if want_grad and input_grad:
+                    xt.requires_grad_(True)
+                out = model(xt)
+                if not isinstance(out, torch.Tensor):
+                    raise MultisalError(f"{type(self.model).__name__} returns {type(out).__name__}; "
+                                        "the torch backend needs a model whose output is one tensor")
+                missing = [n for n in layers if n not in captured]
+                if missing:
+                    raise MultisalError(f"layer {missing[0]!r} did not run in the forward pass")
+                result = Result(outputs=out.detach().cpu().numpy())
+                result.activations = {n: a.detach().cpu().numpy() for n, a in captured.items()}
+                if objective is None:
+                    return result
+                value, result.target = _objective(out, objective, target)
+                if not want_grad:
+                    return result
+                wrt = ([xt] if input_grad else []) + [captured[n] for n in layers]
+                if not all(t.requires_grad for t in wrt):
+                    raise MultisalError("the objective does not depend on the requested layer or input")
+                grads = torch.autograd.grad(value, wrt)
+        finally:
+            for h in handles:
+                h.remove()
+        if input_grad:
+            result.input_grad = grads[0].cpu().numpy()
+            grads = grads[1:]
+        result.gradients = {n: g.cpu().numpy() for n, g in zip(layers, grads)}
+        return result
+
+
+class _TorchOps:
+    """The objective's operations (multisal.objectives) on torch tensors."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def softmax(x, axis):
+        return torch.softmax(x, axis)
+
+    @staticmethod
+    def log_softmax(x, axis):
+        return torch.log_softmax(x, axis)
+
+    @staticmethod
+    def neg(x):
+        return -x
+
+    @staticmethod
+    def mul(a, b):
+        return a * b
+
+    @staticmethod
+    def total(x):
+        return x.sum()
+
+    @staticmethod
+    def argmax(x, axis):
+        return x.detach().argmax(axis)
+
+    def indices(self, target):
+        return torch.from_numpy(np.asarray(target)).to(self.device)
+
+    @staticmethod
+    def one_hot(indices, n):
+        return torch.nn.functional.one_hot(indices, n)
+
+    @staticmethod
+    def shape(x):
+        return tuple(x.shape)
+
+
+def _objective(out, objective, target):
+    """The sum over the batch of each sample's objective, and the class index each one used."""
+    ops = _TorchOps(out.device)
+    if isinstance(target, Region):
+        weights = torch.from_numpy(target.weights(tuple(out.shape))).to(out.device)
+        return ops.total(objective_terms(ops, out, weights, objective, Region.class_axis(out.shape))), None
+    if out.dim() != 2:
+        raise MultisalError(f"the model output has shape {tuple(out.shape)}; a class target needs (N, classes), "
+                            "use ms.region(channel, box=...) for dense outputs")
+    if isinstance(target, np.ndarray):
+        check_target_range(target, out.shape[1])
+    weights, idx = class_weights(ops, out, target)
+    return ops.total(objective_terms(ops, out, weights, objective, 1)), idx.cpu().numpy()
+
+
+def _state_dict(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MultisalError(f"weights file {path!r} not found") from None
+    except Exception as err:
+        raise MultisalError(f"cannot read weights {path!r} as a state dict: {str(err).strip().splitlines()[0]}") from None
+    if not isinstance(state, Mapping):
+        raise MultisalError(f"weights {path!r} hold a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _torchscript(path):
+    if not os.path.isfile(path):
+        raise MultisalError(f"model file {path!r} not found")
+    try:
+        script = torch.jit.load(path, map_location="cpu")
+    except Exception:
+        try:
+            is_state = isinstance(torch.load(path, map_location="cpu", weights_only=True), Mapping)
+        except Exception:
+            is_state = False
+        if is_state:
+            raise MultisalError(f"model {path!r} is a state dict without an architecture: give "
+                                f"model = 'package.module:factory' and weights = {path!r}") from None
+        raise MultisalError(f"model {path!r} is neither TorchScript (torch.jit.save) nor a state dict") from None
+    return _scripted(script.eval())
+
+
+def _scripted(script):
+    """A TorchScript module behind a plain nn.Module.
+
+    ScriptModules refuse Python forward hooks, and the torch backend hooks every named submodule
+    to size its batches and to read layers. Kept out of named_modules(), the script runs whole:
+    gradient methods work; CAM methods find no layer to hook and say so. Its parameters are still
+    reported (so none gets a gradient) and .to()/.float() still reach it.
+    """
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            object.__setattr__(self, "script", script)   # bypasses submodule registration
+
+        def forward(self, x):
+            return self.script(x)
+
+        def parameters(self, recurse=True):
+            return self.script.parameters(recurse)
+
+        def _apply(self, fn, *args, **kwargs):
+            self.script._apply(fn, *args, **kwargs)
+            return super()._apply(fn, *args, **kwargs)
+
+    return Scripted()

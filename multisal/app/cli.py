@@ -1,0 +1,200 @@
+"""The `multisal` command: explain, batch, demo, methods, layers, export-grad.
+
+Exit status: 0 on success, 2 for bad usage or a configuration that cannot run (one line on stderr),
+1 when some inputs failed (each listed on stderr with its reason; the others still have output).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..backends.onnx.backend import export_gradient_graph
+from ..errors import MultisalError
+from ..methods import METHODS
+from ..objectives import OBJECTIVES
+from ..registry import backends
+from .config import read_toml
+from .demo import run_demo
+from .loading import load_backend
+from .malloc import tune_malloc
+from .runs import run_batch, run_explain
+
+EXPLAIN_EXAMPLES = """examples:
+  multisal explain cat.jpg dog.png --out out/pets
+  multisal explain photos/*.jpg --model efficientnet-lite0 --method smoothgrad,gradcam_pp
+  multisal explain --config examples/torch.toml --backend onnx --target "Egyptian cat"
+  multisal explain img.png --model mypkg.nets:build --preset torchvision-imagenet --layer layer4
+  multisal explain skimage:chelsea --progression --method smoothgrad
+
+Options given here override the config file key by key (see README, "Configuration")."""
+
+BATCH_EXAMPLES = """examples:
+  multisal batch --config job.toml
+  multisal batch --config job.toml --engine ray      # the same job on a Ray cluster
+  multisal batch val/*.JPEG --method gradcam_pp --out out/val --batch-size 32
+
+A rerun with the same output folder resumes: inputs already done are skipped, the rest (never
+reached, cut off by a crash, or failed) are explained again. Exit status 1 if any input failed."""
+
+
+def _methods(_args):
+    for name, fn in METHODS.items():
+        print(f"{name:22s} {(fn.__module__ and sys.modules[fn.__module__].__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def _demo(args):
+    run_demo(args.out, n=args.n)
+    return 0
+
+
+def _layers(args):
+    """List a model's candidate CAM layers: float 4-D activations with spatial size > 1."""
+    backend = args.backend or next((name for name, cls in backends().items()
+                                    if any(str(args.model).lower().endswith(s) for s in cls.model_files)), "torch")
+    cls = backends().get(backend)
+    if cls is None:
+        raise MultisalError(f"unknown backend {backend!r}: expected one of {', '.join(backends())}")
+    cls.require_framework()
+    model = cls.open_model(args.model, args.weights)
+    be = load_backend(backend, model=model)
+    shape = tuple(args.shape) if args.shape else (be.sample_shape or (3, 224, 224))
+    if any(d is None for d in shape):
+        raise MultisalError(f"{args.model} leaves its input size free: give --shape C H W")
+    candidates = be.candidate_layers(shape)
+    default = be.default_layer(shape) if candidates else None
+    for name, dims in candidates:
+        print(f"{name:48s} {'x'.join(map(str, dims)):>14s}{'   (default)' if name == default else ''}")
+    return 0
+
+
+def _export_grad(args):
+    path = export_gradient_graph(args.model, args.out, layers=args.layer or (), objective=args.objective,
+                                    input_grad=not args.no_input_grad, input_shape=args.shape)
+    print(f"wrote {path}")
+    return 0
+
+
+def _split_methods(values):
+    """--method a,b --method c -> [a, b, c] (None when not given)."""
+    if not values:
+        return None
+    return [m.strip() for v in values for m in v.split(",") if m.strip()]
+
+
+def _target(text):
+    """--target: "auto", a class index or a class name."""
+    if text is None:
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def _overrides(args):
+    return {
+        "inputs": args.images or None, "backend": args.backend, "model": args.model, "weights": args.weights,
+        "preset": args.preset, "methods": _split_methods(args.method), "target": _target(args.target),
+        "layer": args.layer, "output": args.out, "labels": args.labels,
+        "size": list(args.size) if args.size else None, "progression": True if args.progression else None,
+    }
+
+
+def _explain(args):
+    return _summary(run_explain(args.config, _overrides(args)))
+
+
+def _batch(args):
+    overrides = _overrides(args)
+    engine = {k: v for k, v in (("name", args.engine), ("batch_size", args.batch_size)) if v is not None}
+    if engine:
+        base = read_toml(args.config) if args.config else {}
+        overrides["engine"] = {**base.get("engine", {}), **engine}
+    return _summary(run_batch(args.config, overrides))
+
+
+def _summary(run):
+    for record in run.failed:
+        print(f"multisal: failed: {record['input']}: {record['error']}", file=sys.stderr)
+    ok = len(run.records) - len(run.failed)
+    skipped = f" ({run.skipped} done before)" if run.skipped else ""
+    print(f"{ok} of {len(run.records)} inputs explained{skipped}; report: {run.report}")
+    return 1 if run.failed else 0
+
+
+def _run_options(p):
+    """The options explain and batch share (each replaces the config file's key)."""
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files, globs, folders, .txt lists or skimage:NAME (replace the config's inputs)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see examples/)")
+    p.add_argument("--backend", help=" | ".join(backends()))
+    p.add_argument("--model", help="a models/ name, an .onnx/.pt/.pth file, or package.module:factory")
+    p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory (a state dict / .npz)")
+    p.add_argument("--preset", help="preprocessing preset (default: the model's own)")
+    p.add_argument("--method", action="append", metavar="NAME[,NAME]", help="method(s) to run (repeatable; default: all)")
+    p.add_argument("--target", help='"auto" (the top class), "argmax_per_sample", a class index or a class name')
+    p.add_argument("--layer", help="the CAM methods' layer (default: the last 4-D activation)")
+    p.add_argument("--out", metavar="DIR", help="output folder")
+    p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: ImageNet's for 1000 classes)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
+    p.add_argument("--progression", action="store_true",
+                   help="also write SmoothGrad after 1, 2, 3, 10, 20, 30, 50, 75, 100 samples (one pass)")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="multisal", description="Gradient saliency for PyTorch, ONNX and Chainer models.",
+                                     epilog="example: multisal explain cat.jpg --out out/cat   (multisal COMMAND --help for more)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("explain", help="explain images with saliency maps; writes maps, overlays and an HTML report",
+                       epilog=EXPLAIN_EXAMPLES, formatter_class=raw)
+    _run_options(p)
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("batch", help="a resumable explain job over many images, on the local or the ray engine",
+                       epilog=BATCH_EXAMPLES, formatter_class=raw)
+    _run_options(p)
+    p.add_argument("--engine", choices=["local", "ray"], help="where the work runs (replaces [engine] name)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images explained together (replaces [engine] batch_size)")
+    p.set_defaults(func=_batch)
+
+    p = sub.add_parser("demo", help="explain the scikit-image photos with EfficientNet-Lite0 on torch and onnx",
+                       epilog="example: multisal demo --out out/demo")
+    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    p.add_argument("--n", type=int, default=50, help="SmoothGrad samples and IG steps (default: 50)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("methods", help="list the saliency methods", epilog="example: multisal methods")
+    p.set_defaults(func=_methods)
+
+    p = sub.add_parser("layers", help="list a model's candidate layers for Grad-CAM (4-D activations)",
+                       epilog="example: multisal layers model.onnx   |   multisal layers efficientnet-lite0")
+    p.add_argument("model", help="an .onnx or .pt file, a models/ name (efficientnet-lite0) or package.module:factory")
+    p.add_argument("--backend", help=f"{' | '.join(backends())} (default: onnx for .onnx files, else torch)")
+    p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
+    p.set_defaults(func=_layers)
+
+    p = sub.add_parser("export-grad", help="write the gradient graph of an ONNX model as a plain .onnx",
+                       epilog="example: multisal export-grad model.onnx model.grad.onnx --layer features.29 --objective logit")
+    p.add_argument("model", help="the .onnx model")
+    p.add_argument("out", help="where to write the gradient graph")
+    p.add_argument("--layer", action="append", help="a tensor name whose activation and gradient to output (repeatable)")
+    p.add_argument("--objective", default="logit", choices=list(OBJECTIVES))
+    p.add_argument("--no-input-grad", action="store_true", help="only layer gradients (prunes the backward pass)")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
+    p.set_defaults(func=_export_grad)
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)   # bad usage: argparse prints it and exits with 2
+    tune_malloc()                       # this process is ours: keep autograd's large blocks (multisal/app/malloc.py)
+    try:
+        return args.func(args)
+    except MultisalError as err:
+        print(f"multisal: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
