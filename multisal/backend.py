@@ -66,6 +66,9 @@ class Backend:
     #: Whether a configuration's models/ names (multisal.models) run on this backend.
     opens_model_names = True
 
+    #: What a `device` option may be, for the error when the framework cannot use one.
+    devices = "'cpu'"
+
     preset = None          # the preset its inputs use (set by config-driven loading)
     memory_budget = 1 << 30
 
@@ -90,6 +93,11 @@ class Backend:
     def sample_shape(self):
         """The (C, H, W) the model declares (None for a free axis), or None if it declares none."""
         return None
+
+    def _framework_device(self, device):
+        """The framework's device object for a `device` option (None: the backend's default);
+        raises whatever the framework raises for one it cannot use."""
+        raise NotImplementedError
 
     # ---- done here for every backend --------------------------------------------------------------
     def run(self, x: np.ndarray, objective: Optional[str] = None, target=None,
@@ -136,6 +144,16 @@ class Backend:
     def batch_size(self, sample_shape) -> int:
         """How many inputs of this shape one call carries: as many as the memory budget holds."""
         return max(1, min(MAX_BATCH, int(self.memory_budget) // max(1, int(self.sample_bytes(tuple(sample_shape))))))
+
+    def resolve_device(self, device):
+        """The framework's device for a `device` option, or one line naming the device and what it
+        may be when the framework cannot use it."""
+        try:
+            return self._framework_device(device)
+        except Exception as err:   # noqa: BLE001 - each framework raises its own types
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise MultisalError(f"device {device!r} is not usable by {self.name}: {reason} "
+                                f"(expected {self.devices})") from None
 
     def describe(self) -> str:
         """How errors name the model this backend runs."""

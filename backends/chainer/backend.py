@@ -54,17 +54,6 @@ L = lazy_import("chainer.links")
 CPU_MEMORY_BUDGET = 128 << 20
 
 
-def _resolve_device(device):
-    if device in (None, "cpu", "@numpy"):
-        return chainer.get_device("@numpy")
-    try:
-        return chainer.get_device(device)
-    except Exception as err:  # chainer raises ValueError, RuntimeError or ImportError by case
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise MultisalError(f"device {device!r} is not usable by chainer: {reason} "
-                            "(expected 'cpu', '@numpy', '@cupy:0' or '@intel64')") from None
-
-
 def _to_numpy(array) -> np.ndarray:
     return np.asarray(chainer.backend.CpuDevice().send(array))
 
@@ -98,13 +87,14 @@ class ChainerBackend(Backend):
     name = "chainer"
     framework = "chainer"
     install = "a legacy environment with numpy<2 and chainer 7.8.1 (see README)"
+    devices = "'cpu', '@numpy', '@cupy:0' or '@intel64'"
 
     def __init__(self, model, output: Optional[str] = None, device: str = "cpu",
                  memory_budget: Optional[ByteSize] = None, preset=None):
         if not callable(model):
             raise MultisalError(f"the chainer backend needs a chainer.Link or a callable chain, got {type(model).__name__}")
         self.model = model
-        self.device = _resolve_device(device)
+        self.device = self.resolve_device(device)
         if isinstance(model, chainer.Link) and device not in (None, "cpu", "@numpy"):
             model.to_device(self.device)
         self.preset = preset
@@ -128,6 +118,9 @@ class ChainerBackend(Backend):
         if output is not None and self.kind == "layers" and output not in self._names:
             raise self.unknown_layer(output)
         self._traces = {}
+
+    def _framework_device(self, device):
+        return chainer.get_device("@numpy" if device in (None, "cpu") else device)
 
     # ---- layers -------------------------------------------------------------------------------
     def describe(self):

@@ -46,30 +46,19 @@ _FOLD_TOLERANCE = 1e-4
 _FOLDED_VARIANTS = 4
 
 
-def _resolve_device(device):
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MultisalError(f"device {device!r} is not a torch device: expected 'cpu', 'cuda', 'cuda:0' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MultisalError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return dev
-
-
 @register_backend
 class TorchBackend(Backend):
     name = "torch"
     framework = "torch"
     install = "pip install 'multisal[torch]'"
     model_files = {".pt": "a .pt/.pth file", ".pth": "a .pt/.pth file"}
+    devices = "'cpu', 'cuda', 'cuda:0', 'mps' or 'auto'"
 
     def __init__(self, model, device: str = "cpu", memory_budget: Optional[ByteSize] = None, preset=None,
                  channels_last: Optional[bool] = None, fold_batchnorm: bool = True):
         if not isinstance(model, torch.nn.Module):
             raise MultisalError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
-        self.device = _resolve_device(device)
+        self.device = self.resolve_device(device)
         self.model = model.to(self.device).eval()
         # oneDNN's CPU convolutions (depthwise ones above all) run faster on NHWC: SmoothGrad on
         # EfficientNet-Lite0 takes about 20% less time. The maths is unchanged.
@@ -97,6 +86,18 @@ class TorchBackend(Backend):
             free, _total = torch.cuda.mem_get_info(self.device)
             return free // 2
         return CPU_MEMORY_BUDGET_TUNED_MALLOC if reuses_large_blocks() else CPU_MEMORY_BUDGET
+
+    def _framework_device(self, device):
+        if device in (None, "auto"):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("torch sees no CUDA device")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("torch sees no MPS device")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"torch has no {dev.type!r} device that runs a model")
+        return dev
 
     # ---- from a configuration ------------------------------------------------------------------
     @classmethod

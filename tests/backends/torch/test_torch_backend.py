@@ -127,7 +127,7 @@ def test_forward_hooks_are_removed(be, x):
     (lambda be, x: ms.class_visualization(be, 1), "needs preset="),
     (lambda be, x: ms.vanilla_gradient(be, x, ms.region(0, box=(0, 0, 2, 2))), "region target needs a dense output"),
     (lambda be, x: ms.load_backend("torch", model="net.pt"), "needs a torch.nn.Module, got str"),
-    (lambda be, x: ms.load_backend("torch", model=be.model, device="tpu"), "device 'tpu' is not a torch device"),
+    (lambda be, x: ms.load_backend("torch", model=be.model, device="tpu"), "device 'tpu' is not usable by torch"),
     (lambda be, x: ms.load_backend("torch", model=be.model, memory_budget="lots"), "memory_budget 'lots' is not a size"),
 ])
 def test_bad_input_is_one_clear_line(be, x, call, message):
