@@ -1,6 +1,7 @@
 """Hand-built graphs for what torch does not emit, and the builder's contract at its edges."""
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -84,6 +85,32 @@ def test_fixed_batch_that_cannot_be_rewritten_loops(tmp_path):
     got = ms.vanilla_gradient(be, x, [0, 1, 2], channel_reduce=None, abs=False)
     expected = (x > 0) * W.T[[0, 1, 2]].reshape(3, 3, 2, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_export_grad_keeps_a_batch_of_one_where_the_backend_does(tmp_path):
+    """A sum over the batch axis rewrites to a free batch without complaint but mixes the images:
+    on a batch of 2 its output is (1, 3), where one image at a time gives (2, 3). Shapes are
+    compared before values (allclose would broadcast the two), so the backend keeps a batch of 1;
+    export-grad prepares the model the same way and writes a gradient graph of batch 1."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("ReduceSum", ["r", "axes"], ["s"], keepdims=1),
+             helper.make_node("Reshape", ["s", "shape"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])]
+    W = RNG.standard_normal((12, 3)).astype(np.float32)
+    model = make_model(nodes, (1, 3, 2, 2), (1, 3), {"axes": np.array([0], np.int64),
+                                                      "shape": np.array([1, 12], np.int64), "W": W}, opset=13)
+    onnx.save_model(model, str(tmp_path / "fixed.onnx"))
+    be = ms.load_backend("onnx", model=str(tmp_path / "fixed.onnx"), cache_dir=tmp_path)
+    assert be.batch_one
+    path = ms.export_gradient_graph(str(tmp_path / "fixed.onnx"), tmp_path / "grad.onnx")
+    grad_model = onnx.load(str(path))
+    assert grad_model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    x = RNG.standard_normal((2, 3, 2, 2)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exported = np.concatenate([session.run(["multisal_grad:x"], {"x": x[i:i + 1], "multisal_target": np.array([1])})[0]
+                               for i in range(2)])
+    expected = (x > 0) * W.T[1].reshape(1, 3, 2, 2)
+    np.testing.assert_allclose(exported, expected, rtol=1e-6)
+    np.testing.assert_allclose(ms.vanilla_gradient(be, x, 1, channel_reduce=None, abs=False), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("batch", ["N", 2])
