@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MultisalError
+from ..files import read_text
 from ..frameworks import lazy_import
 from ..images import load_rgb
 
@@ -45,8 +46,7 @@ def expand_inputs(patterns):
 
 def _listed(list_file):
     folder = os.path.dirname(list_file)
-    with open(list_file, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
+    lines = [line.strip() for line in read_text(list_file, "list of images").splitlines()]
     return [line if line.startswith("skimage:") else os.path.join(folder, os.path.expanduser(line))
             for line in lines if line and not line.startswith("#")]
 
@@ -73,7 +73,7 @@ def folder_names(sources, taken=()):
     names, taken = [], set(taken)
     for source in sources:
         stem = source[len("skimage:"):] if source.startswith("skimage:") else Path(source).stem
-        base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:64] or "input"
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:64] or "input"
         name, k = base, 1
         while name.lower() in taken:
             k += 1

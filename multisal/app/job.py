@@ -25,6 +25,7 @@ import numpy as np
 from .. import models
 from ..backend import closest_names
 from ..errors import MultisalError
+from ..files import DEFAULT_TAG, read_text
 from ..frameworks import lazy_import
 from ..methods import METHODS
 from ..methods.smoothgrad import smoothgrad
@@ -51,9 +52,10 @@ class Job:
     ConfigError or MultisalError, in one line, when it cannot run. Then explain_one per image.
     """
 
-    def __init__(self, config, progress=False):
+    def __init__(self, config, progress=False, temp_tag=DEFAULT_TAG):
         self.config = config
         self.progress = progress
+        self.temp_tag = temp_tag   # the run's tag on temporary files (multisal.app.output)
         self.backend = build_backend(config)
         self.preset = self.backend.preset
         self.methods = {name: method_options(config, name) for name in config["methods"]}
@@ -153,7 +155,7 @@ class Job:
                           top5=[{"class": i, "label": self.labels[i], "probability": float(p[i])} for i in top],
                           methods={})
             view = _fit(photo, VIEW_SIZE)
-            save_png(folder / "input.png", view)
+            save_png(folder / "input.png", view, self.temp_tag)
             record["photo"] = "input.png"
             views.append(view)
             columns.append([(f"{target} {self.labels[target]}", view)])
@@ -176,13 +178,13 @@ class Job:
                     entry["layer"] = options["layer"]
                 if "samples" in stats:   # what SmoothGrad used: n, or where n = "auto" settled
                     entry["samples"] = int(stats["samples"][i])
-                save_npy(folder / f"{name}.npy", maps[i])
+                save_npy(folder / f"{name}.npy", maps[i], self.temp_tag)
                 picture = overlay(views[i], maps[i])
-                save_png(folder / f"{name}.png", picture)
+                save_png(folder / f"{name}.png", picture, self.temp_tag)
                 record["methods"][name] = entry
                 columns[i].append((name, picture))
         for i, (record, folder, *_) in enumerate(ready):
-            save_png(folder / "grid.png", grid(columns[i]))
+            save_png(folder / "grid.png", grid(columns[i]), self.temp_tag)
             record["grid"] = "grid.png"
             if self.config["progression"]:
                 self._progression(record, folder, x[i:i + 1], given if isinstance(given, str) else targets[i], views[i])
@@ -193,10 +195,10 @@ class Job:
         start = time.perf_counter()
         maps = smoothgrad_progression(self.backend, x, given, method_options(self.config, "smoothgrad"),
                                       progress=self.progress)
-        save_npy(folder / "progression.npy", maps)
+        save_npy(folder / "progression.npy", maps, self.temp_tag)
         save_png(folder / "progression.png",
                  grid([("input", view)] + [(f"{k} sample{'s' if k > 1 else ''}", grey(m))
-                                              for k, m in zip(PROGRESSION, maps)]))
+                                              for k, m in zip(PROGRESSION, maps)]), self.temp_tag)
         record["progression"] = {"seconds": round(time.perf_counter() - start, 4), "samples": list(PROGRESSION),
                                  "files": ["progression.npy", "progression.png"]}
 
@@ -226,10 +228,10 @@ def class_names(labels_file, n_classes):
     """Names of the model's classes: a labels file, ImageNet's for 1000 classes, else "class i"."""
     if labels_file:
         try:
-            with open(os.path.expanduser(labels_file), encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
-        except OSError as err:
-            raise ConfigError(f"config key 'labels': cannot read {labels_file!r}: {err.strerror}") from None
+            text = read_text(os.path.expanduser(labels_file), "labels file")
+        except MultisalError as err:
+            raise ConfigError(f"config key 'labels': {err}") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(names) != n_classes:
             raise ConfigError(f"config key 'labels': {labels_file!r} has {len(names)} class names, "
                               f"expected one per class of the model ({n_classes})")

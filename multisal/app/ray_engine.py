@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from ..errors import MissingFrameworkError, MultisalError
+from ..files import is_regular_file
 from ..frameworks import available, lazy_import
 from ..registry import backend_class, external_backends, register_backend
 from .config import DEFAULT_BATCH
@@ -40,13 +41,12 @@ ray_data = lazy_import("ray.data")
 READ_LIMIT = 256 * 2 ** 20
 
 
-def run_on_ray(cfg, items, on_record, progress=False):
-    """Explain `items` ([(source, folder)]) on Ray, passing each image's record to `on_record` in
-    the driver as it arrives."""
+def connect_ray(cfg) -> bool:
+    """Start or join the configuration's Ray cluster, before a run writes anything, and check it
+    has what the actors ask for (a GPU per actor would otherwise wait for ever). True when this
+    call started Ray (run_on_ray then shuts it down)."""
     if not available("ray"):
         raise MissingFrameworkError("engine \"ray\" needs Ray Data: pip install 'multisal[ray]'")
-    if not items:
-        return
     engine = cfg.get("engine", {})
     started = not ray.is_initialized()
     if started:
@@ -60,8 +60,26 @@ def run_on_ray(cfg, items, on_record, progress=False):
         except Exception as err:   # a wrong address, a cluster that is not up
             raise MultisalError(f"config key 'engine.address': cannot start or join a Ray cluster at "
                                 f"{address or 'this machine'}: {_last_line(err)}") from None
+    resources = ray.cluster_resources()
+    for key, resource in (("gpus_per_actor", "GPU"), ("cpus_per_actor", "CPU")):
+        wanted = float(engine.get(key, 1 if resource == "CPU" else 0))
+        if wanted > resources.get(resource, 0):
+            if started:
+                ray.shutdown()
+            raise MultisalError(f"config key 'engine.{key}': {wanted:g} asked for, but the Ray cluster has "
+                                f"{resources.get(resource, 0):g} {resource}s; an actor would wait for ever")
+    return started
+
+
+def run_on_ray(cfg, items, on_record, progress=False, cluster=None, temp_tag=None):
+    """Explain `items` ([(source, folder)]) on Ray, passing each image's record to `on_record` in
+    the driver as it arrives. `cluster` is connect_ray's answer (None: connect now)."""
+    started = connect_ray(cfg) if cluster is None else cluster
+    engine = cfg.get("engine", {})
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.ERROR)
     try:
+        if not items:
+            return
         cpus = float(engine.get("cpus_per_actor", 1))
         gpus = float(engine.get("gpus_per_actor", 0))
         actors = engine.get("actors") or max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1)))
@@ -75,7 +93,8 @@ def run_on_ray(cfg, items, on_record, progress=False):
             _read, batch_size=batch, batch_format="numpy", num_cpus=0, compute=ray_data.TaskPoolStrategy(size=2))
         explained = data.map_batches(
             ExplainActor, fn_constructor_kwargs={"config": cfg, "threads": max(1, int(cpus)), "gpus": gpus,
-                                                 "backends": list(external_backends().values())},
+                                                 "backends": list(external_backends().values()),
+                                                 "temp_tag": temp_tag},
             batch_size=batch, batch_format="numpy", compute=ray_data.ActorPoolStrategy(size=actors),
             num_cpus=cpus, num_gpus=gpus)
         try:
@@ -96,12 +115,12 @@ def _last_line(err) -> str:
 
 
 def _read(batch):
-    """The bytes of each image file (None for skimage:NAME, a missing, unreadable or huge file: the
-    actor then opens the source itself and records why it fails)."""
+    """The bytes of each image file (None for skimage:NAME, a missing, unreadable or huge file, or
+    one that is not a regular file: the actor then opens the source itself and records why it fails)."""
     data = []
     for path in batch["source"]:
         try:
-            if os.path.isfile(path) and os.path.getsize(path) <= READ_LIMIT:
+            if is_regular_file(path) and os.path.getsize(path) <= READ_LIMIT:
                 with open(path, "rb") as f:
                     data.append(f.read())
                 continue
@@ -116,14 +135,14 @@ class ExplainActor:
     backends registered in the driver outside multisal are registered here too, and the job's
     backend gets the actor's threads and GPUs its own way (Backend.worker_options)."""
 
-    def __init__(self, config, threads, gpus, backends):
+    def __init__(self, config, threads, gpus, backends, temp_tag):
         tune_malloc()
         for cls in backends:
             register_backend(cls)
         config = copy.deepcopy(config)
         name = config["backend"]
         config[name] = backend_class(name).worker_options(config.get(name, {}), threads, gpus)
-        self.job = Job(config)
+        self.job = Job(config, temp_tag=temp_tag)
 
     def __call__(self, batch):
         items = list(zip((str(s) for s in batch["source"]), batch["folder"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomic
+from ..files import DEFAULT_TAG, write_atomic
 from ..frameworks import lazy_import
 
 cv2 = lazy_import("cv2")
@@ -65,20 +65,20 @@ def grid(columns, cell: int = 224) -> np.ndarray:
     return np.concatenate(cells, axis=1)
 
 
-def save_png(path, rgb: np.ndarray) -> Path:
+def save_png(path, rgb: np.ndarray, tag: str = DEFAULT_TAG) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     ok, data = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
-    write_atomic(path, data.tobytes())
+    write_atomic(path, data.tobytes(), tag)
     return path
 
 
-def save_npy(path, array: np.ndarray) -> Path:
+def save_npy(path, array: np.ndarray, tag: str = DEFAULT_TAG) -> Path:
     buf = io.BytesIO()
     np.save(buf, np.asarray(array), allow_pickle=False)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buf.getvalue())
+    path.parent.mkdir(exist_ok=True)
+    write_atomic(path, buf.getvalue(), tag)
     return path

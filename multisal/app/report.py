@@ -13,7 +13,7 @@ import html
 from pathlib import Path
 from urllib.parse import quote
 
-from ..files import write_atomic
+from ..files import DEFAULT_TAG, write_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -71,11 +71,11 @@ def figure(src, caption_html, alt, wide=False) -> str:
             f"<figcaption>{caption_html}</figcaption></figure>")
 
 
-def write_report(out, records, config_text, title="multisal explain") -> Path:
+def write_report(out, records, config_text, title="multisal explain", tag=DEFAULT_TAG) -> Path:
     """Write out/index.html for the records of a run (as in manifest.jsonl) and return its path."""
     out = Path(out)
     path = out / "index.html"
-    write_atomic(path, render(records, config_text, title).encode("utf-8"))
+    write_atomic(path, render(records, config_text, title).encode("utf-8"), tag)
     return path
 
 
@@ -88,30 +88,34 @@ def render(records, config_text, title="multisal explain") -> str:
     return page(title, "\n".join(parts))
 
 
+def esc(value) -> str:
+    """Any field as HTML text, numbers too: a record read back from disk may have been edited."""
+    return html.escape(str(value))
+
+
 def _section(r) -> str:
-    name = html.escape(r["input"])
+    name = esc(r["input"])
     if r["status"] != "ok":
         return (f'<section class="failed"><h2>{name}</h2>'
-                f'<p class="error">failed: {html.escape(str(r["error"]))}</p></section>')
-    esc = html.escape
-    rows = "".join(f'<tr><td>{t["class"]}</td><td>{esc(t["label"])}</td><td>{100 * t["probability"]:.1f}%</td></tr>'
-                   for t in r["top5"])
+                f'<p class="error">failed: {esc(r["error"])}</p></section>')
+    rows = "".join(f'<tr><td>{esc(t["class"])}</td><td>{esc(t["label"])}</td>'
+                   f'<td>{100 * float(t["probability"]):.1f}%</td></tr>' for t in r["top5"])
     figures = [figure(link(r["folder"], r["photo"]), "input", "input")]
     for method, m in r["methods"].items():
-        caption = f"{esc(method)}<br>{m['seconds']:.2f} s"
+        caption = f"{esc(method)}<br>{float(m['seconds']):.2f} s"
         if "samples" in m:
-            caption += f", {m['samples']} samples"
+            caption += f", {esc(m['samples'])} samples"
         if "layer" in m:
             caption += f"<br>layer {esc(m['layer'])}"
-        figures.append(figure(link(r["folder"], m["files"][1]), caption, method))
+        figures.append(figure(link(r["folder"], m["files"][1]), caption, str(method)))
     body = (f'<section class="ok"><h2>{name}</h2>'
-            f'<p>target explained: <b>{r["target"]} {esc(r["label"])}</b> ({100 * r["probability"]:.1f}%), '
+            f'<p>target explained: <b>{esc(r["target"])} {esc(r["label"])}</b> ({100 * float(r["probability"]):.1f}%), '
             f'backend {esc(r["backend"])}, folder <a href="{link(r["folder"])}/">{esc(r["folder"])}</a></p>'
             f'<table><tr><th>class</th><th>name</th><th>probability</th></tr>{rows}</table>'
             f'<div class="maps">{"".join(figures)}</div>')
     if "progression" in r:
         p = r["progression"]
-        body += (f'<p>SmoothGrad after {", ".join(map(str, p["samples"]))} samples '
-                 f'(one pass, {p["seconds"]:.2f} s):</p>'
+        body += (f'<p>SmoothGrad after {esc(", ".join(map(str, p["samples"])))} samples '
+                 f'(one pass, {float(p["seconds"]):.2f} s):</p>'
                  f'<img src="{link(r["folder"], p["files"][1])}" alt="SmoothGrad progression" style="max-width:100%">')
     return body + "</section>"

@@ -25,21 +25,23 @@ image's noise does not depend on the images beside it (multisal.noise).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import write_atomic
+from ..errors import MultisalError
+from ..files import DEFAULT_TAG, write_atomic
 from ..progress import progress_bar
 from .config import DEFAULT_BATCH, ConfigError, dump_toml, load_config, read_toml, validate
 from .inputs import expand_inputs, folder_names
 from .job import Job
 from .malloc import tune_malloc
-from .ray_engine import run_on_ray
+from .output import CONFIG_HEADER, SAFE_FOLDER, OutputFolder
+from .ray_engine import connect_ray, run_on_ray
 from .report import write_report
 
 # Keys a resumed run may change: the inputs (a job may grow) and how the work is spread.
@@ -67,24 +69,29 @@ class ExplainRun:
 class Manifest:
     """manifest.jsonl: one JSON record per input, keyed by the record's "input"."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tag: str = DEFAULT_TAG):
         self.path = Path(path)
+        self.tag = tag
         self.records = {}
         self._fd = None
 
     def load(self) -> dict:
-        """Read what a previous run recorded (the latest record per input); a torn or unreadable
-        line, which only a crash in the middle of a write leaves, is skipped."""
+        """Read what a previous run recorded (the latest record per input). A torn line, which only
+        a crash in the middle of a write leaves, and a record of the wrong shape (a manifest
+        edited by hand) are skipped: their inputs are explained again."""
         try:
-            text = self.path.read_text(encoding="utf-8", errors="replace")
+            with open(self.path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return self.records
+        except OSError as err:
+            raise MultisalError(f"cannot read manifest {str(self.path)!r}: {err.strerror}") from None
         for line in text.splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("input"), str):
+            if valid_record(record):
                 self.records[record["input"]] = record
         return self.records
 
@@ -94,14 +101,14 @@ class Manifest:
         keys = [k for k in (order or []) if k in self.records]
         listed = set(keys)
         keys += [k for k in self.records if k not in listed]
-        text = "".join(json.dumps(self.records[k], ensure_ascii=False) + "\n" for k in keys)
-        write_atomic(self.path, text.encode("utf-8"))
+        text = "".join(_line(self.records[k]) for k in keys)
+        write_atomic(self.path, text.encode("utf-8"), self.tag)
 
     def append(self, record):
         """Add one record durably: one write() of the whole line, then fsync."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        os.write(self._fd, _line(record).encode("utf-8"))
         os.fsync(self._fd)
         self.records[record["input"]] = record
 
@@ -109,6 +116,45 @@ class Manifest:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _line(record) -> str:
+    """A record as one line of strict JSON (no NaN or Infinity, which strict parsers reject)."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def valid_record(r) -> bool:
+    """Is `r` a record as a run writes it? Read back from disk, it steers what is skipped and what
+    the report shows, so every field is checked for its type (and file names for their form)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def files(v):
+        return isinstance(v, list) and all(isinstance(f, str) and FILE_NAME.fullmatch(f) for f in v)
+
+    def class_entry(t):
+        return isinstance(t, dict) and isinstance(t.get("class"), int) and isinstance(t.get("label"), str) \
+            and number(t.get("probability"))
+
+    if not (isinstance(r, dict) and isinstance(r.get("input"), str) and r.get("status") in ("ok", "failed")
+            and isinstance(r.get("folder"), str) and isinstance(r.get("methods", {}), dict)):
+        return False
+    if r["status"] == "failed":
+        return isinstance(r.get("error"), (str, type(None)))
+    methods_ok = all(isinstance(m, dict) and number(m.get("seconds")) and files(m.get("files"))
+                     and len(m["files"]) == 2 and isinstance(m.get("layer", ""), str)
+                     and isinstance(m.get("samples", 0), int) for m in r["methods"].values())
+    progression = r.get("progression")
+    return (methods_ok and isinstance(r.get("target"), int) and isinstance(r.get("label"), str)
+            and number(r.get("probability")) and isinstance(r.get("top5"), list)
+            and all(class_entry(t) for t in r["top5"]) and isinstance(r.get("backend"), str)
+            and files([r.get("photo"), r.get("grid")])
+            and (progression is None or (isinstance(progression, dict) and number(progression.get("seconds"))
+                                         and files(progression.get("files"))
+                                         and all(isinstance(k, int) for k in progression.get("samples", [])))))
 
 
 def run_batch(config=None, overrides=None, progress=None) -> ExplainRun:
@@ -125,47 +171,82 @@ def run_explain(config=None, overrides=None, progress=None) -> ExplainRun:
 
 
 def _run(config, overrides, progress, resume) -> ExplainRun:
-    tune_malloc()   # a job owns its process (multisal/malloc.py)
+    tune_malloc()   # a job owns its process (multisal/app/malloc.py)
     cfg = load_config(config, overrides)
-    sources = list(dict.fromkeys(expand_inputs(cfg["inputs"])))   # an input listed twice is explained once
+    output = OutputFolder(cfg["output"])
+    output.check()
+    # An input listed twice is explained once; the run's own outputs are never its inputs.
+    sources = [s for s in dict.fromkeys(expand_inputs(cfg["inputs"])) if not _inside(s, output.root)]
     if not sources:
         raise ConfigError("config key 'inputs': no images given; expected image files, globs, folders, "
                           ".txt lists or skimage:NAME (on the command line: multisal explain IMAGE...)")
     progress = sys.stderr.isatty() if progress is None else progress
-    out = Path(os.path.expanduser(cfg["output"]))
     engine = cfg.get("engine", {})
     if resume:
-        _check_same_job(out, cfg)
-    manifest = Manifest(out / MANIFEST)
-    previous = manifest.load() if resume else {}
-    folders = _folders(sources, previous)
-    pending = [s for s in sources if not _done(out, previous.get(s))]
-    job = Job(cfg, progress=progress) if pending else None   # set-up errors come before any writing
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_temporary_files(out)
-    config_text = dump_toml(cfg, header="The resolved configuration of this run; "
-                                        "`multisal batch --config config.toml` resumes it.")
-    write_atomic(out / "config.toml", config_text.encode("utf-8"))
-    redo = set(pending)
-    manifest.records = {k: v for k, v in previous.items() if k not in redo}
+        _check_same_job(output, cfg)
+    manifest = Manifest(output.root / MANIFEST)
+    recorded = manifest.load() if output.is_run_folder() else {}
+    previous = recorded if resume else {}
+    folders = _folders(sources, recorded, output)
+    pending = [s for s in sources if not _done(output.root, previous.get(s))]
+    job = Job(cfg, progress=progress, temp_tag=output.tag) if pending else None   # set-up errors come before any writing
+    if engine.get("name", "local") == "ray" and pending:
+        ray_cluster = connect_ray(cfg)   # a cluster that cannot be reached is refused before any writing
+    output.create()
+    manifest.path, manifest.tag = output.root / MANIFEST, output.tag
+    output.remove_temporary_files(output.root / f for f in folders.values() if (output.root / f).is_dir())
+    config_text = dump_toml(cfg, header=CONFIG_HEADER[2:] + "; `multisal batch --config config.toml` resumes it.")
+    write_atomic(output.root / "config.toml", config_text.encode("utf-8"), output.tag)
+    # Each pending input is recorded with its folder before it is explained, as not done yet: a
+    # crash then leaves records that tell the rerun which folders are this job's to reuse.
+    manifest.records = {k: v for k, v in previous.items() if k not in set(pending)}
+    for source in pending:
+        manifest.records[source] = _failed(source, folders[source], cfg, "not explained: the run stopped first")
     manifest.rewrite(sources)
-    for source in pending:                     # a half-written folder from a killed run starts over
-        shutil.rmtree(out / folders[source], ignore_errors=True)
+    items, refused = [], []
+    for source in pending:
+        try:
+            items.append((source, output.input_folder(folders[source], recorded=source in recorded)))
+        except MultisalError as err:   # a link or file planted where the folder goes: this input fails
+            refused.append(_failed(source, folders[source], cfg, str(err)))
     start = time.perf_counter()
-    items = [(s, out / folders[s]) for s in pending]
     try:
+        for record in refused:
+            manifest.append(record)
         if engine.get("name", "local") == "ray":
-            run_on_ray(cfg, items, manifest.append, progress=progress)
+            run_on_ray(cfg, items, manifest.append, progress=progress, cluster=ray_cluster, temp_tag=output.tag)
         else:
             _run_local(job, items, engine.get("batch_size", DEFAULT_BATCH), manifest.append, progress)
         seconds = time.perf_counter() - start
         manifest.rewrite(sources)
     finally:
         manifest.close()
+    for source, folder in items:   # a folder this run made for an input that failed holds nothing
+        if manifest.records.get(source, {}).get("status") != "ok" and source not in recorded:
+            try:
+                folder.rmdir()
+            except OSError:        # not empty: the input failed after writing some of its files
+                pass
     records = [manifest.records[s] for s in sources if s in manifest.records]
-    write_report(out, records, config_text, title=f"multisal {'batch' if resume else 'explain'}")
-    return ExplainRun(out, records, skipped=len(sources) - len(pending), engine=engine.get("name", "local"),
+    write_report(output.root, records, config_text, title=f"multisal {'batch' if resume else 'explain'}",
+                 tag=output.tag)
+    return ExplainRun(output.root, records, skipped=len(sources) - len(pending), engine=engine.get("name", "local"),
                       seconds=seconds)
+
+
+def _failed(source, folder, cfg, error) -> dict:
+    return {"input": source, "status": "failed", "error": error, "folder": folder, "target": None, "label": None,
+            "backend": cfg["backend"], "methods": {}}
+
+
+def _inside(source, root: Path) -> bool:
+    """Is an input file inside the output folder (a glob that covers it would feed a run its own maps)?"""
+    if source.startswith("skimage:"):
+        return False
+    try:
+        return root.resolve() in Path(source).resolve().parents
+    except (OSError, RuntimeError):
+        return False
 
 
 def _run_local(job, items, batch_size, on_record, progress):
@@ -178,22 +259,23 @@ def _run_local(job, items, batch_size, on_record, progress):
                 bar.update(1)
 
 
-def _check_same_job(out: Path, cfg):
+def _check_same_job(output: OutputFolder, cfg):
     """Refuse to resume into a folder whose run had another configuration (RESUMABLE_CHANGES aside)."""
-    path = out / "config.toml"
+    out = output.given
+    path = output.root / "config.toml"
     if not path.exists():
         return
     try:
         before = validate(read_toml(path))
     except ConfigError as err:
-        raise ConfigError(f"cannot resume into {str(out)!r}: its config.toml is unusable ({err}); "
+        raise ConfigError(f"cannot resume into {out!r}: its config.toml is unusable ({err}); "
                           "use a new output folder") from None
     keys = sorted((set(before) | set(cfg)) - set(RESUMABLE_CHANGES))
     changed = [k for k in keys if before.get(k) != cfg.get(k)]
     if changed:
         k = changed[0]
         raise ConfigError(f"config key {k!r}: {_show(cfg.get(k))} differs from {_show(before.get(k))} in the run "
-                          f"already in {str(out)!r}; resuming would mix two runs' outputs, so use a new output "
+                          f"already in {out!r}; resuming would mix two runs' outputs, so use a new output "
                           f"folder (or `multisal explain` to start over there)")
 
 
@@ -201,32 +283,24 @@ def _show(value):
     return "(not set)" if value is None else json.dumps(value)
 
 
-def _folders(sources, previous) -> dict:
-    """Each input's folder: the one a previous run gave it (if it is a name folder_names could have
-    made: the manifest must not steer deletions outside the run), else a new unique name."""
-    kept = {s: previous[s]["folder"] for s in sources
-            if s in previous and re.fullmatch(SAFE_FOLDER, str(previous[s].get("folder")))}
+def _folders(sources, recorded, output: OutputFolder) -> dict:
+    """Each input's folder: the one this job's manifest recorded for it (where it is still a real
+    folder of the output folder), else a new name that nothing in the output folder uses."""
+    kept = {s: recorded[s]["folder"] for s in sources if s in recorded and output.is_own_folder(recorded[s]["folder"])}
     fresh = [s for s in sources if s not in kept]
-    names = dict(zip(fresh, folder_names(fresh, {f.lower() for f in kept.values()})))
+    taken = output.taken_names() | {f.lower() for f in kept.values()}
+    names = dict(zip(fresh, folder_names(fresh, taken)))
     return {s: kept.get(s) or names[s] for s in sources}
 
 
-SAFE_FOLDER = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,71}"
-
-
 def _done(out: Path, record) -> bool:
-    """An input whose record says "ok" and whose files are all in its folder."""
+    """An input whose record says "ok" and whose files are all in its folder, as regular files."""
     if not record or record.get("status") != "ok" or not re.fullmatch(SAFE_FOLDER, str(record.get("folder"))):
         return False
     folder = out / record["folder"]
+    if folder.is_symlink():
+        return False
     files = [record.get("photo"), record.get("grid")]
     files += [f for m in record.get("methods", {}).values() for f in m.get("files", [])]
     files += record.get("progression", {}).get("files", [])
-    return all(f and (folder / f).is_file() for f in files)
-
-
-def _remove_temporary_files(out: Path):
-    """Delete what write_atomic leaves when the process is killed between writing and renaming."""
-    for path in out.rglob(".*.tmp"):
-        if path.is_file():
-            path.unlink()
+    return all(f and (folder / f).is_file() and not (folder / f).is_symlink() for f in files)

@@ -18,7 +18,9 @@ import pytest
 
 import multisal as ms
 from helpers import assert_agree
+from multisal.app.output import OutputFolder
 from multisal.app.runs import Manifest
+from multisal.files import temporary_name
 from multisal.app.cli import main
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -87,14 +89,18 @@ def test_rerun_skips_what_is_done_and_redoes_what_was_cut_off(tmp_path):
     done = {r["input"]: r for r in records}
     stamp = {i: (out / done[i]["folder"] / "smoothgrad.npy").stat().st_mtime_ns for i in inputs}
 
-    # What a crash leaves: the last two images without records (one with a half-written folder),
-    # the manifest's last line torn, a temporary file, and an "ok" record whose map was lost.
+    # What a crash leaves: the last two images with only the record a run writes for every input
+    # before explaining it ("failed", not explained yet; one with a half-written folder), the
+    # manifest's last line torn, a temporary file, and an "ok" record whose map was lost.
     lines = (out / "manifest.jsonl").read_text().splitlines()
-    kept = lines[:-3] + [lines[-3][:40]]
+    not_yet = [json.dumps({"input": i, "status": "failed", "error": "not explained: the run stopped first",
+                           "folder": done[i]["folder"], "target": None, "label": None, "backend": "torch",
+                           "methods": {}}) for i in inputs[-2:]]
+    kept = lines[:-3] + not_yet + [lines[-3][:40]]
     (out / "manifest.jsonl").write_text("\n".join(kept))        # no newline after the torn line
     half = out / done[inputs[-1]]["folder"]
     (half / "grid.png").unlink()
-    (half / ".smoothgrad.npy.abc123.tmp").write_bytes(b"partial")
+    temporary_name(half / "smoothgrad.npy", OutputFolder(out).tag).write_bytes(b"partial")   # a killed write
     (out / done[inputs[0]]["folder"] / "gradcam_pp.npy").unlink()
 
     second = ms.run_batch(_config(inputs, out), progress=False)
@@ -142,10 +148,10 @@ def test_manifest_never_trusts_a_folder_outside_the_run(tmp_path):
 
 def test_manifest_reads_past_a_torn_line_and_rewrites_whole_lines(tmp_path):
     path = tmp_path / "manifest.jsonl"
-    path.write_text('{"input": "a", "status": "ok"}\n{"input": "b", "sta')
+    path.write_text('{"input": "a", "status": "failed", "folder": "a"}\n{"input": "b", "sta')
     manifest = Manifest(path)
     assert list(manifest.load()) == ["a"]
-    manifest.append({"input": "c", "status": "ok"})
+    manifest.append({"input": "c", "status": "failed", "folder": "c"})
     manifest.rewrite(["c", "a"])
     assert [json.loads(line)["input"] for line in path.read_text().splitlines()] == ["c", "a"]
 
@@ -182,7 +188,7 @@ def test_an_image_that_breaks_the_model_fails_alone(tmp_path):
                   methods=["vanilla_gradient", "gradcam"], engine={"batch_size": 5})
     run = ms.run_batch(cfg, progress=False)
     assert [r["input"] for r in run.failed] == [str(white)]
-    assert run.failed[0]["error"] == "ValueError: white image"
+    assert run.failed[0]["error"] == "_Picky failed on inputs of shape (1, 3, 32, 32): white image"
     _check_complete(tmp_path / "run", inputs + [str(white)], methods=["vanilla_gradient", "gradcam"],
                     failed=[str(white)])
 
@@ -212,13 +218,13 @@ def test_a_job_killed_with_sigkill_finishes_on_rerun(tmp_path):
     manifest = out / "manifest.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and job.poll() is None:
-        if manifest.exists() and manifest.read_text().count("\n") >= 60:
+        if manifest.exists() and manifest.read_text().count('"status": "ok"') >= 60:
             break
         time.sleep(0.005)
     assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read().decode()}"
     job.send_signal(signal.SIGKILL)
     job.wait()
-    cut = _records(out)
+    cut = [r for r in _records(out) if r["status"] == "ok"]
     assert 60 <= len(cut) < len(inputs)
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True)
