@@ -44,7 +44,7 @@ class Preset:
 
     def apply(self, images, size=None) -> np.ndarray:
         """Paths, PIL images or HWC uint8 RGB arrays (one or a list) -> (N,C,H,W) float32."""
-        height, width = self.size if size is None else _check_size(size)
+        height, width = self.size if size is None else check_size(size)
         batch = []
         for img in _as_list(images):
             rgb = load_rgb(img)
@@ -74,7 +74,7 @@ class Preset:
         if unknown:
             raise MultisalError(f"unknown preset option {sorted(unknown)[0]!r}: expected resample or size")
         if "size" in options:
-            options["size"] = _check_size(options["size"])
+            options["size"] = check_size(options["size"])
         return replace(self, **options)
 
 
@@ -118,7 +118,7 @@ def get_preset(name, **options) -> Preset:
     return preset.with_options(**options) if options else preset
 
 
-def _check_size(size) -> Tuple[int, int]:
+def check_size(size) -> Tuple[int, int]:
     try:
         height, width = (int(v) for v in size)
     except (TypeError, ValueError):

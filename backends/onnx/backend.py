@@ -20,13 +20,14 @@ import numpy as np
 
 from multisal.backend import Backend, ByteSize, Result, concatenate_results, parse_bytes
 from multisal.errors import MissingFrameworkError, MultisalError
-from multisal.files import write_atomic
+from multisal.files import is_regular_file, write_atomic
 from multisal.frameworks import available, lazy_import
 from multisal.modelspec import call_factory, model_kind
 from multisal.objectives import Region, check_objective, check_target_range, is_argmax_per_sample
 from multisal.registry import register_backend
 
 from .grad.builder import FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, grad_name, probe
+from . import runtime
 from .grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
 from .model import exported_model, prepare_model
 
@@ -86,6 +87,9 @@ class OnnxBackend(Backend):
                  cache_dir: Optional[str] = None, preset=None, memory_budget: Optional[ByteSize] = None):
         prepared = prepare_model(model)
         available_providers = ort.get_available_providers()
+        if providers is not None and (isinstance(providers, str) or not list(providers)):
+            raise MultisalError(f"providers={providers!r}: expected a non-empty list of onnxruntime provider names, "
+                                f"from {', '.join(available_providers)}")
         if providers is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
                 if "CUDAExecutionProvider" in available_providers else ["CPUExecutionProvider"]
@@ -135,27 +139,37 @@ class OnnxBackend(Backend):
         return self.source
 
     # ---- sessions -----------------------------------------------------------------------------
-    def _session(self, model_bytes):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = int(self.threads)
-        return ort.InferenceSession(model_bytes, options, providers=self.providers)
+    def _session(self, model_bytes, what=None):
+        return runtime.session(model_bytes, what or self.source, self.providers, self.threads)
 
     def _request_session(self, request, sample_shape):
+        """The session of a request's gradient graph: from the disk cache where a good one is there
+        (a cache entry that onnxruntime cannot load, a torn or tampered file, is built again),
+        else built and cached."""
         key = (request, tuple(sample_shape))
         if key not in self._sessions:
             digest = hashlib.sha256(f"{self._digest}|{request}|{tuple(sample_shape)}|{CACHE_FORMAT}".encode()).hexdigest()
             path = self.cache_dir / f"{digest}.onnx"
-            if path.is_file():
-                data = path.read_bytes()
-            else:
-                grad_model = build_gradient_model(self.model, request, sample_shape, batch=1 if self.batch_one else 2)
-                data = grad_model.SerializeToString()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, data)
-            self._sessions[key] = self._session(data)
+            what = f"the gradient graph of {self.source}"
+            if is_regular_file(path):
+                try:
+                    self._sessions[key] = self._session(path.read_bytes(), what)
+                    return self._sessions[key]
+                except (MultisalError, OSError):
+                    pass   # rebuilt below, and the cache entry replaced
+            grad_model = build_gradient_model(self.model, request, sample_shape, batch=1 if self.batch_one else 2)
+            data = grad_model.SerializeToString()
+            self._sessions[key] = self._session(data, what)
+            self._cache(path, data)
         return self._sessions[key]
+
+    def _cache(self, path, data):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+        except OSError as err:
+            raise MultisalError(f"onnx cache_dir {str(self.cache_dir)!r} is not a folder multisal can write to: "
+                                f"{err.strerror}") from None
 
     def _check_shape(self, sample_shape):
         for axis, (want, got) in enumerate(zip(self._input_dims[1:], sample_shape), start=1):
@@ -242,7 +256,7 @@ class OnnxBackend(Backend):
             check_target_range(np.asarray(target), n_classes)
             feeds[TARGET_INPUT] = np.asarray(target, np.int64)
         names = [o.name for o in session.get_outputs()]
-        values = dict(zip(names, session.run(None, feeds)))
+        values = dict(zip(names, runtime.run(session, feeds, f"the gradient graph of {self.source}")))
         result = Result(outputs=values[self.model.graph.output[0].name],
                         target=values.get(USED_TARGET),
                         input_grad=values[grad_name(self.input_name)] if input_grad else None,
@@ -260,7 +274,7 @@ class OnnxBackend(Backend):
                 m.graph.output.append(helper.make_tensor_value_info(name, dtypes[name], ["N", *shapes[name][1:]]))
             self._sessions[key] = self._session(m.SerializeToString())
         session = self._sessions[key]
-        values = session.run(None, {self.input_name: x})
+        values = runtime.run(session, {self.input_name: x}, self.source)
         n_out = len(self.model.graph.output)
         return Result(outputs=values[0], activations=dict(zip(layers, values[n_out:])))
 

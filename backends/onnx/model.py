@@ -22,10 +22,12 @@ from multisal.errors import MultisalError
 from multisal.files import write_atomic
 from multisal.frameworks import lazy_import
 
+from . import runtime
 from .grad.builder import graph_input
+from .grad.context import FLOAT_TYPES
 
 onnx = lazy_import("onnx")
-ort = lazy_import("onnxruntime")
+helper = lazy_import("onnx.helper")
 torch = lazy_import("torch")
 
 
@@ -54,6 +56,10 @@ def prepare_model(model) -> PreparedModel:
         raise MultisalError(f"the onnx backend needs a path to an .onnx file or an onnx.ModelProto, "
                             f"got {type(model).__name__}")
     inp = graph_input(model)
+    if inp.type.tensor_type.elem_type not in FLOAT_TYPES:
+        kind = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        raise MultisalError(f"ONNX model {source!r}: its input {inp.name!r} is {kind}; multisal explains models "
+                            "whose image input is float (float32, float16 or float64)")
     dims = static_dims(inp)
     batch_one = dims[:1] == [1]
     if batch_one:
@@ -81,7 +87,11 @@ def load_model(path):
         if folder not in target.parents or not target.is_file():
             raise MultisalError(f"ONNX model {str(path)!r}: tensor {tensor.name!r} points at external data "
                                 f"{location!r} outside the model's folder (or missing); refused")
-    onnx.load_external_data_for_model(model, str(folder))
+    try:
+        onnx.load_external_data_for_model(model, str(folder))
+    except (ValueError, OSError) as err:   # data shorter than its tensor, a negative offset, ...
+        raise MultisalError(f"ONNX model {str(path)!r}: cannot read its external data: "
+                            f"{' '.join(str(err).split())}") from None
     check_model(model, str(path))
     return model
 
@@ -127,18 +137,16 @@ def same_outputs(original, rewritten, input_name, dims) -> bool:
     try:
         shape = [d or 8 for d in dims[1:]]
         x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        one = ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        two = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        batched = two.run(None, {input_name: x})
-        singles = [one.run(None, {input_name: x[i:i + 1]}) for i in range(2)]
+        one = runtime.session(original.SerializeToString(), "the model")
+        two = runtime.session(rewritten.SerializeToString(), "the model")
+        batched = runtime.run(two, {input_name: x}, "the model")
+        singles = [runtime.run(one, {input_name: x[i:i + 1]}, "the model") for i in range(2)]
         for k, b in enumerate(batched):
             expected = np.concatenate([s[k] for s in singles])
             if np.shape(b) != expected.shape or not np.allclose(b, expected, rtol=1e-4, atol=1e-5):
                 return False
         return True
-    except Exception:   # any failure of the rewritten graph means: keep looping one by one
+    except MultisalError:   # any failure of the rewritten graph means: keep looping one by one
         return False
 
 

@@ -59,15 +59,19 @@ class TorchBackend(Backend):
         if not isinstance(model, torch.nn.Module):
             raise MultisalError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
         self.device = self.resolve_device(device)
-        self.model = model.to(self.device).eval()
-        # oneDNN's CPU convolutions (depthwise ones above all) run faster on NHWC: SmoothGrad on
-        # EfficientNet-Lite0 takes about 20% less time. The maths is unchanged.
+        # oneDNN's CPU convolutions (depthwise ones above all) run faster on NHWC (README, "Speed").
+        # The maths is unchanged.
         self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        try:
+            self.model = model.to(self.device).eval()
+            if self.channels_last:
+                self.model.to(memory_format=torch.channels_last)
+        except (RuntimeError, ValueError) as err:   # uninitialised (lazy) parameters, a device out of memory
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise MultisalError(f"cannot put {type(model).__name__} on {self.device}: {reason[:300]}") from None
         self._memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
         self.preset = preset
-        # BatchNorm folded into the conv before it (backends/torch_fold.py), one variant per set of
+        # BatchNorm folded into the conv before it (backends/torch/fold.py), one variant per set of
         # asked-for layers (they stay unfolded); None where the model cannot be folded.
         self.fold_batchnorm = bool(fold_batchnorm)
         self._folded = {}
@@ -151,7 +155,7 @@ class TorchBackend(Backend):
             if name:
                 handles.append(module.register_forward_hook(record(name)))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._explained((1, *sample_shape)):
                 out = self.model(torch.zeros((1, *sample_shape), device=self.device))
         finally:
             for h in handles:
@@ -239,6 +243,17 @@ class TorchBackend(Backend):
 
     # ---- the seam -----------------------------------------------------------------------------
     @contextmanager
+    def _explained(self, shape):
+        """The model's own failure (inputs it cannot take, a shape mismatch inside) as one line."""
+        try:
+            yield
+        except MultisalError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise MultisalError(f"{self.describe()} failed on inputs of shape {tuple(shape)}: {reason[:300]}") from None
+
+    @contextmanager
     def _no_parameter_grads(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
@@ -272,7 +287,7 @@ class TorchBackend(Backend):
         for name in layers:
             handles.append(self._module(name).register_forward_hook(capture(name)))
         try:
-            with self._no_parameter_grads(), torch.set_grad_enabled(want_grad):
+            with self._no_parameter_grads(), torch.set_grad_enabled(want_grad), self._explained(x.shape):
                 xt = torch.from_numpy(x).to(self.device)
                 if self.channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last)

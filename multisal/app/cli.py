@@ -1,11 +1,14 @@
 """The `multisal` command: explain, batch, demo, methods, layers, export-grad.
 
-Exit status: 0 on success, 2 for bad usage or a configuration that cannot run (one line on stderr),
-1 when some inputs failed (each listed on stderr with its reason; the others still have output).
+Exit status: 0 on success; 2 for bad usage, a configuration, model or output folder that cannot
+run, with one line on stderr, before anything is written; 1 when some inputs failed (each listed
+on stderr with its reason; the others still have output), or when the run itself broke off (a
+full disk); 130 on Ctrl-C. No traceback reaches the user unless MULTISAL_DEBUG=1 is set.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..backends.onnx.backend import export_gradient_graph
@@ -75,6 +78,17 @@ def _export_grad(args):
     return 0
 
 
+def _dimension(text):
+    """One axis of --shape: an integer 1..8192."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 8192:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: each of C H W must be 1..8192")
+    return value
+
+
 def _split_methods(values):
     """--method a,b --method c -> [a, b, c] (None when not given)."""
     if not values:
@@ -113,11 +127,23 @@ def _batch(args):
 
 def _summary(run):
     for record in run.failed:
-        print(f"multisal: failed: {record['input']}: {record['error']}", file=sys.stderr)
+        print(f"multisal: failed: {printable(record['input'])}: {printable(record['error'])}", file=sys.stderr)
     ok = len(run.records) - len(run.failed)
     skipped = f" ({run.skipped} done before)" if run.skipped else ""
-    print(f"{ok} of {len(run.records)} inputs explained{skipped}; report: {run.report}")
+    print(f"{ok} of {len(run.records)} inputs explained{skipped}; report: {printable(run.report)}")
     return 1 if run.failed else 0
+
+
+def printable(text) -> str:
+    """Text for a terminal: control characters (an escape sequence in a file name) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(text).split()))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad usage said in one line (the command's --help has the rest)."""
+
+    def error(self, message):
+        self.exit(2, f"multisal: error: {printable(message)} (see `{self.prog} --help`)\n")
 
 
 def _run_options(p):
@@ -140,7 +166,7 @@ def _run_options(p):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="multisal", description="Gradient saliency for PyTorch, ONNX and Chainer models.",
+    parser = _Parser(prog="multisal", description="Gradient saliency for PyTorch, ONNX and Chainer models.",
                                      epilog="example: multisal explain cat.jpg --out out/cat   (multisal COMMAND --help for more)")
     sub = parser.add_subparsers(dest="command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
@@ -171,7 +197,7 @@ def _parser():
     p.add_argument("model", help="an .onnx or .pt file, a models/ name (efficientnet-lite0) or package.module:factory")
     p.add_argument("--backend", help=f"{' | '.join(backends())} (default: onnx for .onnx files, else torch)")
     p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
+    p.add_argument("--shape", type=_dimension, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
     p.set_defaults(func=_layers)
 
     p = sub.add_parser("export-grad", help="write the gradient graph of an ONNX model as a plain .onnx",
@@ -181,19 +207,32 @@ def _parser():
     p.add_argument("--layer", action="append", help="a tensor name whose activation and gradient to output (repeatable)")
     p.add_argument("--objective", default="logit", choices=list(OBJECTIVES))
     p.add_argument("--no-input-grad", action="store_true", help="only layer gradients (prunes the backward pass)")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
+    p.add_argument("--shape", type=_dimension, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
     p.set_defaults(func=_export_grad)
     return parser
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)   # bad usage: argparse prints it and exits with 2
+    args = _parser().parse_args(argv)   # bad usage: one line, exit status 2
     tune_malloc()                       # this process is ours: keep autograd's large blocks (multisal/app/malloc.py)
+    if os.environ.get("MULTISAL_DEBUG") == "1":
+        return args.func(args)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("multisal: interrupted (a batch run resumes where it stopped)", file=sys.stderr)
+        return 130
     except MultisalError as err:
-        print(f"multisal: error: {err}", file=sys.stderr)
+        print(f"multisal: error: {printable(err)}", file=sys.stderr)
         return 2
+    except OSError as err:   # the disk, while the run was writing: full, gone, read-only
+        where = f" {err.filename!r}" if err.filename else ""
+        print(f"multisal: error: cannot write or read{where}: {printable(err.strerror or err)}", file=sys.stderr)
+        return 1
+    except Exception as err:   # noqa: BLE001 - a bug, or a framework's failure multisal did not foresee
+        print(f"multisal: error: {type(err).__name__}: {printable(err)} (MULTISAL_DEBUG=1 shows where)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

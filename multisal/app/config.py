@@ -26,9 +26,12 @@ from collections.abc import Mapping
 from .. import models
 from ..backend import ByteSize
 from ..errors import MultisalError
+from ..files import read_text
 from ..methods import METHODS
+from ..methods.integrated_gradients import MAX_STEPS
 from ..methods.integrated_gradients import METHODS as PATHS
 from ..modelspec import model_kind
+from ..noise import MAX_SAMPLES
 from ..objectives import ARGMAX_PER_SAMPLE, OBJECTIVES
 from ..presets import PRESETS, get_preset
 from ..registry import backend_class, backends
@@ -62,14 +65,19 @@ def _fail(key, value, allowed):
 
 # ---- rules: (description of what is allowed, test) ---------------------------------------------
 class Rule:
-    def __init__(self, allowed, test, convert=None):
-        self.allowed, self.test, self.convert = allowed, test, convert
+    """What a key allows (in words, for the error), the test of a value, an optional conversion,
+    and an optional upper bound (bound, what it counts) checked once the type is right."""
+
+    def __init__(self, allowed, test, convert=None, bound=None):
+        self.allowed, self.test, self.convert, self.bound = allowed, test, convert, bound
 
     def __call__(self, key, value):
         if isinstance(value, tuple):   # Python callers write (224, 224); TOML has only arrays
             value = list(value)
         if not self.test(value):
             _fail(key, value, self.allowed)
+        if self.bound is not None and _is_number(value) and value > self.bound[0]:
+            raise ConfigError(f"config key {key!r}: {_show(value)} is over the limit of {self.bound[0]} {self.bound[1]}")
         return self.convert(value) if self.convert else value
 
 
@@ -81,8 +89,8 @@ def _is_number(v):
     return (_is_int(v) or isinstance(v, float)) and v == v and abs(v) != float("inf")
 
 
-def integer(lo=0):
-    return Rule(f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo)
+def integer(lo=0, bound=None):
+    return Rule(f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo, bound=bound)
 
 
 def number(lo=None):
@@ -121,7 +129,8 @@ def _keyword_rules():
     """Rules for the keywords a method table may set, by keyword (the same meaning in every method)."""
     return {
         "objective": choice(*OBJECTIVES),
-        "n": integer(1), "steps": integer(1), "batch_size": integer(1), "seed": integer(0), "max_n": integer(1),
+        "n": integer(1, (MAX_SAMPLES, "noisy samples")), "steps": integer(1, (MAX_STEPS, "path points")),
+        "batch_size": integer(1, (4096, "inputs a call")), "seed": integer(0), "max_n": integer(1, (MAX_SAMPLES, "samples")),
         "noise_level": number(0), "sigma": number(0), "eps": number(0),
         "tol": Rule("a number > 0", lambda v: _is_number(v) and v > 0, float),
         "baseline": number(),            # a constant in model space (TOML has no arrays of images)
@@ -130,8 +139,8 @@ def _keyword_rules():
         "abs": BOOLEAN, "square": BOOLEAN, "upsample": BOOLEAN, "normalize": BOOLEAN, "region": BOOLEAN,
         "layer": TEXT,
         "method": choice(*PATHS),
-        "filters": Rule("a list of feature-map indices (integers >= 0)",
-                        lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
+        "filters": Rule("a non-empty list of feature-map indices (integers >= 0)",
+                        lambda v: isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v)),
         "neurons": Rule("a list of [row, col] pairs (integers >= 0)",
                         lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2
                                                               and all(_is_int(i) and i >= 0 for i in p) for p in v)),
@@ -140,7 +149,8 @@ def _keyword_rules():
 
 # Where one method gives a keyword more values than the others do.
 METHOD_RULES = {
-    ("smoothgrad", "n"): Rule('an integer >= 1 or "auto"', lambda v: (_is_int(v) and v >= 1) or v == "auto"),
+    ("smoothgrad", "n"): Rule('an integer >= 1 or "auto"', lambda v: (_is_int(v) and v >= 1) or v == "auto",
+                              bound=(MAX_SAMPLES, "noisy samples")),
 }
 
 
@@ -264,14 +274,13 @@ def read_toml(path) -> dict:
     if tomllib is None:
         raise ConfigError("reading a TOML configuration on Python < 3.11 needs tomli: pip install tomli")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} not found") from None
+        text = read_text(path, "config file", limit=1 << 20)
+    except MultisalError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
 
 
 def apply_overrides(raw: dict, overrides: Mapping) -> dict:

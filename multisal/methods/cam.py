@@ -7,6 +7,7 @@ lines on this base (gradcam.py, gradcam_pp.py, smooth_gradcam_pp.py).
 """
 import numpy as np
 
+from ..backend import check_input
 from ..errors import MultisalError
 from ..maps import resize_maps, scale_01
 from ..objectives import check_objective, same_pass_target
@@ -25,7 +26,7 @@ def check_4d(name, a):
 def layer_pass(be, x, target, layer, objective):
     """One pass on the clean input: (A, dObjective/dA) of the CAM's layer for a method's target."""
     check_objective(objective)
-    x = np.asarray(x, dtype=np.float32)
+    x = check_input(x)
     layer = cam_layer(be, x, layer)
     res = be.run(x, objective, same_pass_target(target, len(x)), layers=[layer])
     A = res.activations[layer]
@@ -41,6 +42,8 @@ def finish(A, weights, x_shape, upsample, normalize, filters=None, mask=None):
         cams = np.maximum(np.einsum("nk,nkhw->nhw", weights, A), 0)
     else:
         K = A.shape[1]
+        if len(filters) == 0:
+            raise MultisalError("filters=[] selects no feature map: give their indices, or None for the whole CAM")
         bad = [k for k in filters if not 0 <= k < K]
         if bad:
             raise MultisalError(f"filter {bad[0]} out of range: the layer has {K} feature maps (0..{K - 1})")

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import MultisalError
 from ..frameworks import lazy_import
-from ..presets import get_preset
+from ..presets import check_size, get_preset
 from ..progress import progress_bar
 
 cv2 = lazy_import("cv2")
@@ -18,6 +18,10 @@ def _blur(img, sigma):
     return np.stack([cv2.GaussianBlur(c, (k, k), sigma, borderType=cv2.BORDER_REFLECT) for c in img])
 
 
+# More gradient steps than this is a typo.
+MAX_STEPS = 100_000
+
+
 def class_visualization(be, target, size=(224, 224), preset=None, l2_reg=1e-3, lr=25, iterations=100,
                         blur_every=10, max_jitter=16, seed=0, channels=3, progress=False):
     """-> HWC uint8 RGB image maximising the target's logit."""
@@ -25,8 +29,11 @@ def class_visualization(be, target, size=(224, 224), preset=None, l2_reg=1e-3, l
     if preset is None:
         raise MultisalError("class_visualization needs preset= (the model's preprocessing, e.g. 'efficientnet-lite')")
     preset = get_preset(preset)
-    if not isinstance(target, (int, np.integer)):
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
         raise MultisalError(f"class_visualization target must be one class index, got {target!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or not 0 <= iterations <= MAX_STEPS:
+        raise MultisalError(f"iterations={iterations!r} must be an integer 0..{MAX_STEPS}")
+    size = check_size(size)
     rng = np.random.default_rng(seed)
     height, width = size
     img = rng.standard_normal((channels, height, width)).astype(np.float32)

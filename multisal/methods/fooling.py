@@ -5,13 +5,20 @@ as the model predicts the target. Every pass both checks the prediction and give
 """
 import numpy as np
 
+from ..backend import check_input
 from ..errors import MultisalError
 from ..objectives import expand_target
 
 
+# More gradient steps than this is a typo.
+MAX_STEPS = 100_000
+
+
 def fooling_image(be, x, target, lr=1.0, max_iter=100):
     """-> (x_fooling (N,C,H,W), steps_taken (N,) int: the updates each image needed)."""
-    x = np.array(x, dtype=np.float32, copy=True)
+    x = check_input(x).copy()
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or not 0 <= max_iter <= MAX_STEPS:
+        raise MultisalError(f"max_iter={max_iter!r} must be an integer 0..{MAX_STEPS}")
     target = expand_target(target, len(x))
     if not isinstance(target, np.ndarray):
         raise MultisalError("fooling_image needs a class index per image as target")

@@ -6,13 +6,15 @@ default is Gauss-Legendre, offered under the same name as Captum's.
 """
 import numpy as np
 
-from ..backend import even_chunks
+from ..backend import check_input, even_chunks
 from ..errors import MultisalError
 from ..maps import add_per_image
 from ..objectives import check_objective, clean_target
 from ..progress import progress_bar
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+# More path points than this is a typo (each costs a backward pass per image).
+MAX_STEPS = 100_000
 
 
 def _path(method, steps):
@@ -39,11 +41,17 @@ def integrated_gradients(be, x, target=None, baseline=None, steps=50, objective=
                          method="riemann_right", batch_size=None, progress=False):
     """(N,C,H,W) attributions; baseline None is zeros in model space (as Captum), or a scalar/array."""
     check_objective(objective)
-    x = np.asarray(x, dtype=np.float32)
-    if int(steps) < 1:
-        raise MultisalError(f"steps={steps} must be at least 1")
+    x = check_input(x)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise MultisalError(f"steps={steps!r} must be an integer 1..{MAX_STEPS}")
     alphas, weights = _path(method, int(steps))
-    base = np.zeros_like(x) if baseline is None else np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+    try:
+        base = np.zeros_like(x) if baseline is None else np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+    except ValueError:
+        raise MultisalError(f"baseline of shape {np.shape(baseline)} does not broadcast to the inputs' shape "
+                            f"{x.shape}: give a number, one image (C,H,W) or one per input") from None
+    if not np.isfinite(base).all():
+        raise MultisalError("baseline contains NaN or infinite values")
     target = clean_target(be, x, target)
     delta = x - base
     total = np.zeros(x.shape, dtype=np.float64)

@@ -18,6 +18,10 @@ def segment(image, saliency, threshold=0.95, background=0.3, iterations=5, smoot
     sal = np.asarray(saliency, dtype=np.float32)
     if sal.ndim != 2:
         raise MultisalError(f"segment() needs a 2-D saliency map (H,W), got shape {sal.shape}")
+    if not np.isfinite(sal).all():
+        raise MultisalError("segment() got a saliency map with NaN or infinite values")
+    if sal.min() == sal.max():
+        raise MultisalError("segment() got a constant saliency map: no pixel is more salient than another")
     if not 0 <= background < threshold <= 1:
         raise MultisalError(f"need 0 <= background ({background}) < threshold ({threshold}) <= 1 (quantiles)")
     h, w = image.shape[:2]

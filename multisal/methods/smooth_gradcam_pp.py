@@ -4,6 +4,7 @@ Maps of single feature maps (`filters`) and of chosen neurons (`neurons`, `regio
 paper's code."""
 import numpy as np
 
+from ..backend import check_input
 from ..errors import MultisalError
 from ..noise import DEFAULT_NOISE_LEVEL, average_over_noise
 from ..objectives import check_objective, expand_target, same_pass_target
@@ -15,7 +16,7 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
                       objective="logit", noise="normal", batch_size=None, progress=False, preset=None):
     """n=0 uses the clean input's gradients alone (plain Grad-CAM++)."""
     check_objective(objective)
-    x = np.asarray(x, dtype=np.float32)
+    x = check_input(x)
     layer = cam_layer(be, x, layer)
     # A always comes from the clean input; with n=0 so do the derivatives. The clean pass also
     # decides a target of None (its argmax).
@@ -50,7 +51,13 @@ def neuron_mask(neurons, region, shape):
     between the first two points (inclusive)."""
     h, w = shape
     mask = np.zeros((h, w), dtype=np.float64)
-    points = [tuple(int(v) for v in p) for p in neurons]
+    points = []
+    for p in neurons:
+        try:
+            r, c = (v.__index__() for v in p)   # integers only: (1.5, 2) is no neuron
+        except (TypeError, ValueError, AttributeError):
+            raise MultisalError(f"neuron {p!r} is not a (row, col) pair of integers") from None
+        points.append((r, c))
     for r, c in points:
         if not (0 <= r < h and 0 <= c < w):
             raise MultisalError(f"neuron ({r}, {c}) is outside the layer's {h}x{w} map")

@@ -22,6 +22,7 @@ from multisal.backend import closest_names
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
+from .. import runtime
 from .context import FLOAT, FLOAT_TYPES, INT32, INT64, RULES, GradContext
 from .objective import build_objective
 from .rules import elementwise, nn, pool_norm, tensor  # noqa: F401  (they fill RULES)
@@ -29,7 +30,6 @@ from .rules import math as _math_rules, shape as _shape_rules  # noqa: F401
 from .rules.tensor import pad_params
 
 onnx = lazy_import("onnx")
-ort = lazy_import("onnxruntime")
 helper = lazy_import("onnx.helper")
 numpy_helper = lazy_import("onnx.numpy_helper")
 
@@ -122,16 +122,14 @@ def probe(model, sample_shape, batch):
             if name and name not in known and types.get(name):
                 probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
                 known.add(name)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = runtime.session(probe_model.SerializeToString(), "the model", optimize=False)
     inp = graph_input(model)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
     names = [o.name for o in session.get_outputs()]
 
     def run(n):
-        return dict(zip(names, session.run(None, {inp.name: np.zeros((n, *sample_shape), dtype=dtype)})))
+        feeds = {inp.name: np.zeros((n, *sample_shape), dtype=dtype)}
+        return dict(zip(names, runtime.run(session, feeds, f"the model on an input of shape {(n, *sample_shape)}")))
 
     values = run(batch)
     # A model with a fixed batch only ever sees that batch; otherwise compare two batch sizes.
