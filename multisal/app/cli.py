@@ -6,6 +6,7 @@ Exit status: 0 on success, 2 for bad usage or a configuration that cannot run (o
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
 from ..backends.onnx.backend import export_gradient_graph
@@ -38,9 +39,15 @@ reached, cut off by a crash, or failed) are explained again. Exit status 1 if an
 
 
 def _methods(_args):
+    """One line per method: its name and its docstring's summary line (which cites the paper)."""
     for name, fn in METHODS.items():
-        print(f"{name:22s} {(fn.__module__ and sys.modules[fn.__module__].__doc__ or '').strip().splitlines()[0]}")
+        print(f"{name:22s} {method_summary(fn)}")
     return 0
+
+
+def method_summary(fn) -> str:
+    """The first line of a method's docstring."""
+    return (inspect.getdoc(fn) or "").split("\n", 1)[0]
 
 
 def _demo(args):
