@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 LEGACY_VENV := .venv-legacy
 LEGACY_PY := $(LEGACY_VENV)/bin/python
 LEGACY_PIP := $(LEGACY_PY) -m pip
-# The legacy tests write the Chainer reference here; tests/test_chainer_reproduction.py reads it.
+# The legacy tests write the Chainer reference here; tests/backends/test_chainer_reproduction.py reads it.
 LEGACY_REFERENCE := out/legacy-reference
 
 .PHONY: demo test test-legacy bench clean

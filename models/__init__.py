@@ -85,7 +85,7 @@ def _is_torchvision_weights(weights):
         if vgg16.is_npz(weights):
             return False
         try:
-            # mmap reads only the key index of a zip-format file, not 500 MB of tensors.
+            # mmap reads only the key index of a zip-format file, not its tensors, which may be large.
             state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
             try:  # legacy (pre-zip) torch files cannot be mmapped

@@ -68,8 +68,8 @@ class Conv2dTFSame(nn.Conv2d):
             total = max((-(-size // s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         if pads[0] == pads[1] and pads[2] == pads[3]:
-            # Symmetric (every stride-1 conv): the conv pads by itself, without a padded copy of x
-            # (F.pad and its backward took 7% of SmoothGrad's time).
+            # Symmetric (every stride-1 conv): the conv pads by itself, without a padded copy of x,
+            # whose F.pad and backward cost SmoothGrad time (README, "Speed").
             return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
         return super().forward(F.pad(x, pads))
 

@@ -40,9 +40,9 @@ POOL_AFTER = {"conv1_2": "pool1", "conv2_2": "pool2", "conv3_3": "pool3",
 FC_LAYERS = (("fc6", 512 * 7 * 7, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000))
 LAYER_NAMES = tuple(n for n, _, _ in CONV_LAYERS) + tuple(n for n, _, _ in FC_LAYERS)
 
-# The last conv layer's output (the Grad-CAM paper's layer for VGG16). Note that DESIGN's rule for
-# layer=None, the last 4-D activation with spatial size > 1, gives "pool5" (7x7) on every backend,
-# as Chainer's VGG16Layers names it; name "conv5_3" to get this one.
+# The last conv layer's output (the Grad-CAM paper's layer for VGG16). Note that the rule for
+# layer=None (Backend.default_layer), the last 4-D activation with spatial size > 1, gives
+# "pool5" (7x7) on every backend, as Chainer's VGG16Layers names it; name "conv5_3" to get this one.
 CAM_LAYER = "conv5_3"
 
 # torchvision.models.vgg16 indices of the same layers (features.N / classifier.N).

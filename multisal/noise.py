@@ -233,23 +233,54 @@ def _until_stable(per_sample, x, kind, sigma, seed, step, tol, max_n, stats, pro
 
 def smooth(method, be, x, n=50, noise_level=DEFAULT_NOISE_LEVEL, sigma=None, noise="normal", seed=0, target=None,
            batch_size=None, progress=False, preset=None, **method_kwargs):
-    r"""The mean of a method's maps over noisy copies of x: SmoothGrad's averaging around any method
-    (Smilkov et al. 2017; Captum's NoiseTunnel).
+    r"""SmoothGrad's averaging around any method (Smilkov et al. 2017): its maps' mean over noisy copies of x.
 
-    .. math:: \hat M(x) = \frac{1}{n} \sum_{i=1}^{n} M(x + \varepsilon_i), \quad
-              \varepsilon_i \sim \mathcal{N}(0, \sigma^2)
+    Smilkov, Thorat, Kim, Viégas and Wattenberg 2017, "SmoothGrad: removing noise by adding
+    noise", applied to any method M, as Captum's NoiseTunnel does: SmoothGrad of Integrated
+    Gradients, a smoothed Grad-CAM, ...
+
+    .. math::
+        \hat M(x) = \frac{1}{n} \sum_{t=1}^{n} M(x + \varepsilon_t), \qquad
+        \varepsilon_t \sim \mathcal{N}(0, \sigma^2 I), \qquad
+        \sigma = \text{noise\_level} \cdot (\text{hi} - \text{lo})
+
+    with (lo, hi) the preset's value range (``Preset.value_range``). The noise streams are
+    ``ms.smoothgrad``'s, so ``ms.smooth(ms.vanilla_gradient, ...)`` is ``ms.smoothgrad(...)``.
 
     Args:
-        method: a saliency method, called as method(be, noisy, target=..., **method_kwargs) on
+        method: a saliency method, called as ``method(be, noisy, target=..., **method_kwargs)`` on
             batches of noisy copies; it must return one map per input.
-        n, noise_level, sigma, noise, seed: the noise, as for ms.smoothgrad (noise_level is
-            relative to the preset's value range; sigma is absolute; give one).
-        target: as the method takes it; None is the argmax on the clean input, kept for every
-            noisy copy ("argmax_per_sample" lets each copy pick its own).
-        batch_size: noisy copies per method call (default: the backend's batch for this shape).
+        be: the backend (multisal.Backend) that runs the model.
+        x: inputs (N,C,H,W) float32 in model space.
+        n: noisy copies per image (default 50), or ``"auto"`` (as for ``ms.smoothgrad``, with its
+            default tol and max_n).
+        noise_level: sigma relative to the preset's value range (default 0.15; with no preset,
+            relative to ``x.max() - x.min()``).
+        sigma: the noise's standard deviation in model space instead (give sigma or noise_level,
+            not both; default None).
+        noise: ``"normal"`` (default), ``"legacy"`` or an explicit noise array, as for
+            ``ms.smoothgrad``.
+        seed: the seed of every image's noise stream (default 0).
+        target: as the method takes it; None (default) is the top class on the clean input, kept
+            for every noisy copy (``"argmax_per_sample"`` lets each copy pick its own).
+        batch_size: noisy copies per method call (default None: the backend's batch for this
+            input shape).
+        progress: show a progress bar (default False).
+        preset: the preset whose value range ``noise_level`` refers to (default None: the
+            backend's ``preset``).
+        **method_kwargs: the method's own keywords (``steps=`` for Integrated Gradients,
+            ``layer=`` for a CAM, ...).
+
+    Returns:
+        float32 array shaped like the method's maps for x, (N, ...): their mean over the copies.
 
     Example:
-        >>> ig_smoothed = ms.smooth(ms.integrated_gradients, be, x, n=10, noise_level=0.1, steps=20)
+        >>> ms.smooth(ms.integrated_gradients, be, x, n=4, noise_level=0.1, steps=8).shape
+        (2, 3, 32, 32)
+        >>> ms.smooth(ms.gradcam, be, x, n=4).shape
+        (2, 32, 32)
+        >>> bool(np.allclose(ms.smooth(ms.vanilla_gradient, be, x, n=10), ms.smoothgrad(be, x, n=10)))
+        True
     """
     x = np.asarray(x, dtype=np.float32)
     target = clean_target(be, x, target)

@@ -90,19 +90,16 @@ PRESETS = {
     "torchvision-imagenet": Preset("torchvision-imagenet", mean=_IMAGENET_MEAN, std=_IMAGENET_STD),
     # EfficientNet-Lite0's packaged weights expect the TF-Lite "inception style"
     # (pixel - 127) / 128 on 0..255 RGB pixels, i.e. mean 127/255 and std 128/255
-    # on [0, 1] inputs. How it was established:
+    # on [0, 1] inputs. How it was established (the figures: README, "Presets"):
     #  * source: Google's EfficientNet-Lite builder (tensorflow/tpu, lite/
     #    efficientnet_lite_builder.py) sets MEAN_RGB = [127.0]*3, STDDEV_RGB =
     #    [128.0]*3 ("edge models use inception-style MEAN and STDDEV"), and these
     #    weights are ml-illustrated's conversion of that TF checkpoint;
-    #  * BatchNorm statistics: on five natural skimage photos, the variance of the
-    #    stem conv output divided by _bn0.running_var has median 0.58 with this
-    #    normalisation and 2.9 with ImageNet mean/std (log-distance to 1: 0.54 vs
-    #    1.06), and the mean offset is smaller (0.27 vs 0.40 running std);
-    #  * predictions (whole photo resized to 224x224, Pillow bilinear, no crop):
-    #    both candidates give chelsea -> 285 "Egyptian cat" and coffee -> 967
-    #    "espresso", so top-1 alone does not decide: 127/128 gives p = 0.698 and
-    #    0.864, ImageNet mean/std p = 0.645 and 0.889.
+    #  * BatchNorm statistics: on natural photos the stem conv's output matches
+    #    _bn0's running variance and mean more closely with this normalisation than
+    #    with ImageNet mean/std;
+    #  * predictions: both candidates give the same top-1 classes on the photos, so
+    #    top-1 alone does not decide; their probabilities do not single out either.
     "efficientnet-lite": Preset("efficientnet-lite", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
     "raw": Preset("raw", mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),
 }

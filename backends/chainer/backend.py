@@ -48,9 +48,9 @@ F = lazy_import("chainer.functions")
 L = lazy_import("chainer.links")
 
 # Bytes of activations one call may hold. Chainer's CPU convolutions go through im2col, whose
-# buffers grow with the batch: VGG16 at 224x224 on 2 cores takes 1.0 s a sample at batch 1,
-# 1.3 s at batch 2 and 1.9 s at batch 5, so the budget keeps VGG16 at one sample a call (its
-# activations are about 60 MB a sample, counted twice for the backward pass).
+# buffers grow with the batch, so a sample takes longer the more samples share its call (README,
+# "Chainer", has the timings): the budget keeps VGG16 at 224x224 at one sample a call (two samples'
+# activations, counted twice for the backward pass, exceed it).
 CPU_MEMORY_BUDGET = 128 << 20
 
 

@@ -34,14 +34,13 @@ torch = lazy_import("torch")
 
 # Bytes of activations one call may hold (forward + backward) on the CPU. With glibc's malloc as it
 # comes, a block above its mmap threshold (32 MiB at most) is unmapped when freed and faulted in
-# again by the next call, so batches whose largest activation stays below it are fastest:
-# EfficientNet-Lite0 at 6 samples (1 GiB). Once ms.tune_malloc() has run, freed blocks are reused
-# and larger batches spread each layer's fixed costs: SmoothGrad takes about 9% less time on
-# EfficientNet-Lite0 at 13 samples and on ResNet-50 at 12 than at 6 (2 GiB).
+# again by the next call, so batches whose largest activation stays below it are fastest (1 GiB).
+# Once ms.tune_malloc() has run, freed blocks are reused and larger batches spread each layer's
+# fixed costs (2 GiB). The batch sizes these give and what they gain: README, "Use".
 CPU_MEMORY_BUDGET = 1 << 30
 CPU_MEMORY_BUDGET_TUNED_MALLOC = 2 << 30
-# Folding BatchNorm changes float32 rounding only (relative error of the outputs ~1e-7); a folded
-# model further off than this from the model is not used.
+# Folding BatchNorm changes float32 rounding only (README, "Use", says by how much), so a folded
+# model further off than this from the model is not the same function and is not used.
 _FOLD_TOLERANCE = 1e-4
 _FOLDED_VARIANTS = 4
 
@@ -59,7 +58,7 @@ class TorchBackend(Backend):
         if not isinstance(model, torch.nn.Module):
             raise MultisalError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
         self.device = self.resolve_device(device)
-        # oneDNN's CPU convolutions (depthwise ones above all) run faster on NHWC (README, "Speed").
+        # oneDNN's CPU convolutions (depthwise ones above all) run faster on NHWC (README, "Use").
         # The maths is unchanged.
         self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
         try:
@@ -191,7 +190,7 @@ class TorchBackend(Backend):
             seen, _ = self._trace(key)
             # Forward keeps roughly every activation for backward; backward holds about as much again.
             # A container's output is its last child's tensor, an in-place op's its input's: count
-            # each storage once (ResNet-50: 85 MiB a sample, not 154).
+            # each storage once, or those tensors count two or three times over.
             storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t, _ in seen}
             self._bytes_per_sample[key] = max(1, 2 * sum(storages.values()))
         return self._bytes_per_sample[key]

@@ -3,9 +3,9 @@
 In eval mode BatchNorm is a per-channel affine map, so conv followed by BN is one conv with scaled
 weights and a shifted bias: the same function, and the same input gradient, with one elementwise
 pass fewer in the forward and one in the backward per pair. onnxruntime does this to every ONNX
-model; on the CPU it makes SmoothGrad on EfficientNet-Lite0 about 20% faster and ResNet-50 about 8%.
+model; on the CPU it makes SmoothGrad faster (README, "Speed", says by how much on which models).
 Float32 rounding moves, as any change of operation order does: measured against float64, the folded
-model's gradients are as close as the unfolded model's (DESIGN.md, "Numerical agreement").
+model's gradients are as close as the unfolded model's (tests/backends/torch/test_torch_backend.py).
 
 The model is traced with torch.fx. Convolutions (subclasses included, such as a conv with its own
 padding), BatchNorms and the layers a call asks for stay whole modules in the trace, so hooks on

@@ -8,6 +8,7 @@ full disk); 130 on Ctrl-C. No traceback reaches the user unless MULTISAL_DEBUG=1
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -41,9 +42,15 @@ reached, cut off by a crash, or failed) are explained again. Exit status 1 if an
 
 
 def _methods(_args):
+    """One line per method: its name and its docstring's summary line (which cites the paper)."""
     for name, fn in METHODS.items():
-        print(f"{name:22s} {(fn.__module__ and sys.modules[fn.__module__].__doc__ or '').strip().splitlines()[0]}")
+        print(f"{name:22s} {method_summary(fn)}")
     return 0
+
+
+def method_summary(fn) -> str:
+    """The first line of a method's docstring."""
+    return (inspect.getdoc(fn) or "").split("\n", 1)[0]
 
 
 def _demo(args):

@@ -1,4 +1,4 @@
-"""Configuration of an explain run: one TOML file, or a dict with the same keys (DESIGN.md,
+"""Configuration of an explain run: one TOML file, or a dict with the same keys (README,
 "Configuration").
 
 Validation is strict, because a typo that is silently ignored costs a whole run: an unknown key, a

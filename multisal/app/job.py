@@ -8,7 +8,7 @@ record, never raising for a bad input: an unreadable image is that input's failu
 inputs go on; explain_batch does the same for several images at once, running each method once
 over all of them. Runs over many images (explain, batch, resuming, engines) are multisal.batch.
 
-Output (DESIGN.md, "Configuration"): config.toml, manifest.jsonl, index.html and one folder per
+Output (README, "Command line"): config.toml, manifest.jsonl, index.html and one folder per
 input with <method>.npy (the raw map), <method>.png (overlay) and grid.png, plus input.png (the
 photo the overlays are drawn on) and, with progression, progression.png and progression.npy.
 """

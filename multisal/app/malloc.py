@@ -2,8 +2,8 @@
 
 glibc serves a block above its mmap threshold (raised on the fly, but never past 32 MiB) with fresh
 pages from mmap and unmaps it on free. Autograd allocates and frees activations of tens of MiB in
-every call, so every call page-faults and zeroes all of them again: on this project's 2-core machine
-the kernel then takes 20-30% of SmoothGrad's time on EfficientNet-Lite0 at 12 samples a batch.
+every call, so every call page-faults and zeroes all of them again, and at large batches the kernel
+takes a good part of SmoothGrad's time (README, "Use", says how much).
 With both thresholds raised, freed blocks stay in the heap and the next call reuses them. This is
 what the jemalloc or tcmalloc preloads that PyTorch's CPU tuning guide recommends achieve.
 

@@ -2,7 +2,7 @@
 
     run = ms.run_batch("job.toml")          # or a dict with a config file's keys
 
-A run writes into its output folder (DESIGN.md, "Configuration"): config.toml, manifest.jsonl,
+A run writes into its output folder (README, "Command line"): config.toml, manifest.jsonl,
 index.html and one folder per input. What makes a batch job safe to run unattended:
 
 - Every file is written atomically (a temporary file in the same folder, then a rename), so an

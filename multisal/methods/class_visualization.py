@@ -24,7 +24,45 @@ MAX_STEPS = 100_000
 
 def class_visualization(be, target, size=(224, 224), preset=None, l2_reg=1e-3, lr=25, iterations=100,
                         blur_every=10, max_jitter=16, seed=0, channels=3, progress=False):
-    """-> HWC uint8 RGB image maximising the target's logit."""
+    r"""Class visualisation (Simonyan et al. 2013): an image synthesised by gradient ascent on a class score.
+
+    Simonyan, Vedaldi and Zisserman 2013, "Deep Inside Convolutional Networks: Visualising Image
+    Classification Models and Saliency Maps", section 2, in the recipe of Stanford's CS231n
+    (assignment 3), whose jitter and blur are the regularisers of Yosinski et al. 2015. Starting
+    from seeded standard normal noise in model space, the image I climbs the target's logit
+    :math:`S_c` less an L2 penalty:
+
+    .. math::
+        I^* = \arg\max_I \; S_c(I) - \lambda \lVert I \rVert_2^2, \qquad
+        I \leftarrow \mathrm{clip}\big(I + \mathrm{lr}\, (\nabla_I S_c(I) - 2 \lambda I)\big)
+
+    Each step is taken on I rolled by a random (dy, dx) jitter in [0, max_jitter] (rolled back
+    after), I is clipped to the preset's per-channel range of clean inputs, and every
+    ``blur_every`` steps it is blurred with a Gaussian of sigma 0.5 pixel.
+
+    Args:
+        be: the backend (multisal.Backend) that runs the model (a classifier).
+        target: the class c, one int.
+        size: (height, width) of the image (default (224, 224)).
+        preset: the model's preprocessing (a name or a Preset), which gives the clipping range and
+            turns the result into pixels; default None: the backend's ``preset`` (one is needed).
+        l2_reg: lambda, the L2 penalty's weight (default 1e-3).
+        lr: the step size (default 25, CS231n's for SqueezeNet; smaller models may need less).
+        iterations: the number of steps (default 100).
+        blur_every: blur after every this many steps (default 10; 0 never blurs).
+        max_jitter: the largest jitter in pixels along each axis (default 16).
+        seed: the seed of the starting noise and of the jitter (default 0).
+        channels: the model's input channels (default 3; the preset turns 3 into RGB pixels).
+        progress: show a progress bar (default False).
+
+    Returns:
+        uint8 (H,W,3) RGB image.
+
+    Example:
+        >>> picture = ms.class_visualization(be, 2, size=(32, 32), iterations=10)
+        >>> picture.shape, picture.dtype
+        ((32, 32, 3), dtype('uint8'))
+    """
     preset = preset if preset is not None else getattr(be, "preset", None)
     if preset is None:
         raise MultisalError("class_visualization needs preset= (the model's preprocessing, e.g. 'efficientnet-lite')")

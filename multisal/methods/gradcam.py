@@ -3,5 +3,39 @@ from .cam import finish, layer_pass
 
 
 def gradcam(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit"):
+    r"""Grad-CAM (Selvaraju et al. 2017): a layer's feature maps weighted by their mean gradient.
+
+    Selvaraju, Cogswell, Das, Vedantam, Parikh and Batra 2017, "Grad-CAM: Visual Explanations from
+    Deep Networks via Gradient-based Localization". With A (K,h,w) the layer's activation and
+    S the objective of the target class, over the h*w = Z positions of each feature map:
+
+    .. math::
+        w_k = \frac{1}{Z} \sum_{i,j} \frac{\partial S}{\partial A_{kij}}, \qquad
+        L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big)
+
+    L is then resized to the input (bilinear) and scaled to [0, 1] per image, in that order. One
+    pass on the clean input; nothing below the layer is differentiated.
+
+    Args:
+        be: the backend (multisal.Backend) that runs the model.
+        x: inputs (N,C,H,W) float32 in model space.
+        target: None (default) for each image's top class in this same pass, an int or one int per
+            image, ``"argmax_per_sample"``, or ``ms.region(...)``.
+        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+            backend's choice, the last 4-D activation with spatial size > 1 that feeds the output
+            (``multisal layers MODEL`` lists the candidates).
+        upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
+        normalize: scale each map to [0, 1] by its minimum and maximum (default True; a constant
+            map becomes zeros).
+        objective: the scalar S differentiated (``"logit"`` by default; see multisal.objectives).
+
+    Returns:
+        float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
+        ``normalize=False``.
+
+    Example:
+        >>> ms.gradcam(be, x).shape, ms.gradcam(be, x, upsample=False).shape
+        ((2, 32, 32), (2, 8, 8))
+    """
     A, g = layer_pass(be, x, target, layer, objective)
     return finish(A, g.mean(axis=(2, 3)), x.shape, upsample, normalize)

@@ -11,7 +11,44 @@ cv2 = lazy_import("cv2")
 
 
 def segment(image, saliency, threshold=0.95, background=0.3, iterations=5, smooth=True):
-    """image: HWC uint8 RGB; saliency: (H,W) map (resized to the image if needed) -> bool mask (H,W)."""
+    r"""Saliency-seeded segmentation (Simonyan et al. 2013): GrabCut seeded by a map's most and least salient pixels.
+
+    Simonyan, Vedaldi and Zisserman 2013, "Deep Inside Convolutional Networks", section 3.1: the
+    saliency map s (blurred first with ``smooth``) labels every pixel p for GrabCut (Rother,
+    Kolmogorov and Blake 2004), with :math:`q_\tau` the :math:`\tau`-quantile of s over the
+    image:
+
+    .. math::
+        \mathrm{seed}(p) = \begin{cases}
+            \text{foreground} & s_p \ge q_{\text{threshold}} \\
+            \text{background} & s_p \le q_{\text{background}} \\
+            \text{probable foreground} & s_p \ge q_{0.5} \\
+            \text{probable background} & \text{otherwise}
+        \end{cases}
+
+    GrabCut then fits its colour models from these seeds and relabels the probable pixels; the
+    foreground and background seeds keep their labels.
+
+    Args:
+        image: the photo, HWC uint8 RGB (a preset's ``invert()`` gives it from model inputs).
+        saliency: a 2-D (h,w) map of that image, resized to the image (bilinear) if its size
+            differs.
+        threshold: the quantile above which pixels are foreground seeds (default 0.95).
+        background: the quantile below which pixels are background seeds (default 0.3; needs
+            0 <= background < threshold <= 1).
+        iterations: GrabCut's iterations (default 5).
+        smooth: blur the map first with a Gaussian of sigma max(1, 2% of the image's longer side)
+            (default True), so the quantiles pick regions rather than speckles.
+
+    Returns:
+        bool (H,W) mask, True on the foreground (seeded or probable).
+
+    Example:
+        >>> photo = ms.get_preset("raw").invert(x[0])
+        >>> mask = ms.segment(photo, ms.vanilla_gradient(be, x)[0])
+        >>> mask.shape, mask.dtype
+        ((32, 32), dtype('bool'))
+    """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise MultisalError(f"segment() needs an HWC uint8 RGB image, got {image.dtype} {image.shape}")

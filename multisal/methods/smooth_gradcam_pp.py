@@ -14,7 +14,69 @@ from .cam import cam_layer, check_4d, finish, gradcam_pp_weights
 def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_NOISE_LEVEL, sigma=None,
                       seed=0, filters=None, neurons=None, region=False, upsample=True, normalize=True,
                       objective="logit", noise="normal", batch_size=None, progress=False, preset=None):
-    """n=0 uses the clean input's gradients alone (plain Grad-CAM++)."""
+    r"""Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ from gradient moments averaged over noisy inputs.
+
+    Omeiza, Speakman, Cintas and Weldemariam 2019, "Smooth Grad-CAM++: An Enhanced Inference Level
+    Visualization Technique for Deep Convolutional Neural Network Models". Grad-CAM++'s g, g^2 and
+    g^3 are replaced by their means D1, D2, D3 over n noisy copies of the input, with
+    :math:`g^{(t)} = \partial S / \partial A` at :math:`x + \varepsilon_t`; the activation A
+    (K,h,w) is the clean input's:
+
+    .. math::
+        D_p = \frac{1}{n} \sum_{t=1}^{n} \big(g^{(t)}\big)^p, \qquad
+        \alpha_{kij} = \frac{D_{2,kij}}{2 D_{2,kij} + \sum_{a,b} A_{kab}\, D_{3,kij}}
+        \quad (\alpha_{kij} = 0 \text{ where } D_{1,kij} = 0), \qquad
+        w_k = \sum_{i,j} \alpha_{kij}\, \mathrm{ReLU}(D_{1,kij}), \qquad
+        L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big)
+
+    with :math:`\varepsilon_t \sim \mathcal{N}(0, \sigma^2 I)` and :math:`\sigma =` noise_level
+    times the width of the preset's value range (as in ``ms.smoothgrad``). As in the paper's code,
+    ``filters`` gives one map per feature map, :math:`\mathrm{ReLU}(w_k A_k)`, and ``neurons``
+    keeps A only at chosen positions of the layer's map (the weights still come from the whole
+    layer). L is resized to the input (bilinear) and scaled to [0, 1] per map.
+
+    Args:
+        be: the backend (multisal.Backend) that runs the model.
+        x: inputs (N,C,H,W) float32 in model space.
+        target: None (default) for each image's top class on the clean input, kept for every
+            noisy copy; an int or one int per image; ``"argmax_per_sample"`` (every copy picks its
+            own); or ``ms.region(...)``.
+        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+            backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
+        n: noisy copies per image (default 4); 0 uses the clean input's gradients alone, which is
+            plain Grad-CAM++ (``ms.gradcam_pp``).
+        noise_level: sigma relative to the preset's value range (default 0.15; with no preset,
+            relative to ``x.max() - x.min()``).
+        sigma: the noise's standard deviation in model space instead (give sigma or noise_level,
+            not both; default None).
+        seed: the seed of every image's noise stream (default 0).
+        filters: None (default) for the usual map, or a list of feature-map indices k: one map
+            :math:`\mathrm{ReLU}(w_k A_k)` per index.
+        neurons: None (default), or (row, col) positions on the layer's h x w map: A is zeroed
+            everywhere else.
+        region: with ``neurons``, keep the box between the first two positions (inclusive)
+            instead of the points alone (default False).
+        upsample: resize the maps to the input's H,W (default True); False keeps the layer's h,w.
+        normalize: scale each map to [0, 1] by its minimum and maximum (default True).
+        objective: the scalar S differentiated (``"logit"`` by default; see multisal.objectives).
+        noise: ``"normal"`` (default), ``"legacy"`` or an explicit noise array, as for
+            ``ms.smoothgrad``.
+        batch_size: noisy copies per backend call (default None: as many as the backend's memory
+            budget holds for this input shape).
+        progress: show a progress bar (default False).
+        preset: the preset whose value range ``noise_level`` refers to (default None: the
+            backend's ``preset``).
+
+    Returns:
+        float32 (N,H,W) maps in [0, 1]; (N,len(filters),H,W) with ``filters``; at the layer's h,w
+        with ``upsample=False``; >= 0 and unscaled with ``normalize=False``.
+
+    Example:
+        >>> ms.smooth_gradcam_pp(be, x, n=4).shape, ms.smooth_gradcam_pp(be, x, filters=[0, 2]).shape
+        ((2, 32, 32), (2, 2, 32, 32))
+        >>> bool(np.allclose(ms.smooth_gradcam_pp(be, x, n=0), ms.gradcam_pp(be, x)))
+        True
+    """
     check_objective(objective)
     x = check_input(x)
     layer = cam_layer(be, x, layer)

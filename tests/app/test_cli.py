@@ -256,7 +256,13 @@ def test_layers_and_methods_commands(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["0", "1", "2", "3"] and lines[-1].endswith("(default)")
     assert main(["methods"]) == 0
-    assert capsys.readouterr().out.split()[0] == "vanilla_gradient"
+    lines = capsys.readouterr().out.splitlines()
+    # One line per METHODS entry, in its order: the name, then a summary of its own.
+    assert [line.split()[0] for line in lines] == list(ms.METHODS)
+    summaries = [line.split(None, 1)[1] for line in lines]
+    assert len(set(summaries)) == len(summaries), summaries
+    for summary, fn in zip(summaries, ms.METHODS.values()):
+        assert summary == fn.__doc__.strip().splitlines()[0] and len(summary) > 40, summary
 
 
 def test_examples_run_on_both_backends(tmp_path, monkeypatch):
