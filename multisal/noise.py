@@ -50,9 +50,9 @@ DEFAULT_NOISE_LEVEL = _DefaultNoiseLevel(0.15)
 
 # ---- streams ---------------------------------------------------------------------------------------
 class NoiseStream:
-    def __init__(self, noise, x: np.ndarray, n: int, sigma: float, seed: int):
+    def __init__(self, noise, x: np.ndarray, n: int, sigma, seed: int):
         self.x = x
-        self.sigma = float(sigma)
+        self.sigma = per_image_sigma(sigma, len(x))
         if isinstance(noise, str):
             self._rngs = [make_rng(noise, seed) for _ in range(len(x))]
             self.kind, self.n, self._array = noise, check_samples(n), None
@@ -89,14 +89,20 @@ def check_samples(n) -> int:
     return int(n)
 
 
-def noisy_copies(rngs, kind, x: np.ndarray, images: np.ndarray, sigma: float) -> np.ndarray:
-    """x[images] + noise, each row's noise drawn from its image's own stream rngs[image]. Rows of one
-    image must be contiguous and in sample order."""
+def per_image_sigma(sigma, n_images) -> np.ndarray:
+    """sigma (a number, or one per image) as one float per image."""
+    return np.broadcast_to(np.asarray(sigma, dtype=np.float64), (n_images,))
+
+
+def noisy_copies(rngs, kind, x: np.ndarray, images: np.ndarray, sigma) -> np.ndarray:
+    """x[images] + noise, each row's noise drawn from its image's own stream rngs[image] with its
+    image's sigma[image]. Rows of one image must be contiguous and in sample order."""
+    sigma = per_image_sigma(sigma, len(x))
     out = np.empty((len(images), *x.shape[1:]), np.float32)
     starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
     for lo, hi in zip(starts, np.r_[starts[1:], len(images)]):
         i = images[lo]
-        out[lo:hi] = add_noise(rngs[i], kind, np.broadcast_to(x[i], (hi - lo, *x.shape[1:])), sigma)
+        out[lo:hi] = add_noise(rngs[i], kind, np.broadcast_to(x[i], (hi - lo, *x.shape[1:])), float(sigma[i]))
     return out
 
 
@@ -122,10 +128,11 @@ def make_rng(kind, seed):
     raise MultisalError(f"unknown noise {kind!r}: expected 'normal', 'legacy' or an array (n,C,H,W)")
 
 
-def resolve_sigma(noise_level, sigma, value_range, x: np.ndarray) -> float:
+def resolve_sigma(noise_level, sigma, value_range, x: np.ndarray):
     """sigma is absolute (model space); noise_level is relative to the preset's value range.
 
-    Without a preset the range is the input's own (x.max() - x.min()), the SmoothGrad paper's choice.
+    Without a preset the range is each image's own (its max - min), the SmoothGrad paper's choice:
+    then sigma is one value per image, so an image's noise does not depend on the images beside it.
     """
     if sigma is not None:
         if noise_level is not DEFAULT_NOISE_LEVEL:
@@ -135,8 +142,10 @@ def resolve_sigma(noise_level, sigma, value_range, x: np.ndarray) -> float:
         return float(sigma)
     if not float(noise_level) >= 0:
         raise MultisalError(f"noise_level={noise_level} must be >= 0")
-    width = (value_range[1] - value_range[0]) if value_range is not None else float(x.max() - x.min())
-    return float(noise_level) * width
+    if value_range is not None:
+        return float(noise_level) * (value_range[1] - value_range[0])
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    return float(noise_level) * (flat.max(axis=1) - flat.min(axis=1))
 
 
 def value_range_of(be, preset):
@@ -166,13 +175,13 @@ def average_over_noise(per_sample, be, x, n=50, noise_level=DEFAULT_NOISE_LEVEL,
     if isinstance(n, str):
         if n != "auto" or not isinstance(noise, str):
             raise MultisalError(f"n={n!r}: expected a number of samples, or 'auto' with noise 'normal' or 'legacy'")
-        return _until_stable(per_sample, x, noise, sigma or 0.0, seed, step, tol, check_samples(max_n), stats,
+        return _until_stable(per_sample, x, noise, 0.0 if sigma is None else sigma, seed, step, tol, check_samples(max_n), stats,
                              progress, desc)
     if checkpoints is not None:
         n = max(checkpoints)
     if checkpoints is not None and len(x) != 1:
         raise MultisalError(f"checkpoints are running means of one image, got {len(x)} images")
-    stream = NoiseStream(noise, x, n, sigma or 0.0, seed)
+    stream = NoiseStream(noise, x, n, 0.0 if sigma is None else sigma, seed)
     sums, done, running = None, 0, []
     for images, noisy in stream.batches(step, progress, desc=desc):
         values = per_sample(noisy, images)
@@ -255,7 +264,7 @@ def smooth(method, be, x, n=50, noise_level=DEFAULT_NOISE_LEVEL, sigma=None, noi
         n: noisy copies per image (default 50), or ``"auto"`` (as for ``ms.smoothgrad``, with its
             default tol and max_n).
         noise_level: sigma relative to the preset's value range (default 0.15; with no preset,
-            relative to ``x.max() - x.min()``).
+            relative to each image's own max - min).
         sigma: the noise's standard deviation in model space instead (give sigma or noise_level,
             not both; default None).
         noise: ``"normal"`` (default), ``"legacy"`` or an explicit noise array, as for

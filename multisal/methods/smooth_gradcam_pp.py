@@ -46,7 +46,7 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
         n: noisy copies per image (default 4); 0 uses the clean input's gradients alone, which is
             plain Grad-CAM++ (``ms.gradcam_pp``).
         noise_level: sigma relative to the preset's value range (default 0.15; with no preset,
-            relative to ``x.max() - x.min()``).
+            relative to each image's own max - min).
         sigma: the noise's standard deviation in model space instead (give sigma or noise_level,
             not both; default None).
         seed: the seed of every image's noise stream (default 0).

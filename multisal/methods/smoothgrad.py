@@ -42,8 +42,8 @@ def smoothgrad(be, x, target=None, objective="logit", n=50, noise_level=DEFAULT_
         n: noisy copies per image (default 50), or ``"auto"``: sample 10 at a time until the map
             settles (``tol``) or ``max_n`` copies are drawn.
         noise_level: sigma relative to the value range (default 0.15). The range is the preset's;
-            with no preset (neither ``preset`` nor ``be.preset``) it is ``x.max() - x.min()`` of
-            the inputs given.
+            with no preset (neither ``preset`` nor ``be.preset``) it is each image's own
+            max - min, so an image's noise does not depend on the images beside it.
         sigma: the noise's standard deviation in model space instead (give sigma or noise_level,
             not both; default None).
         noise: ``"normal"`` (default: NumPy's PCG64 Generator, float32), ``"legacy"`` (the
