@@ -6,6 +6,9 @@ import pytest
 # Make tests/helpers.py importable as `helpers` whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The shared conformance suite is a plain module: its asserts get pytest's explanations too.
+pytest.register_assert_rewrite("conformance")
+
 import numpy_backend  # noqa: E402  (needs the path above)
 from multisal import registry  # noqa: E402
 
