@@ -7,7 +7,7 @@ import pytest
 
 import multisal as ms
 import numpy_backend as nb
-from helpers import assert_agree
+from helpers import assert_agree, central_differences
 from multisal.objectives import NumpyOps, Region, class_weights, objective_terms
 
 STEP = 1e-6
@@ -17,17 +17,6 @@ def _inputs(n=2, shape=(3, 5, 5), seed=1):
     rng = np.random.default_rng(seed)
     # Per-image offsets, so that the images' top classes differ.
     return (rng.standard_normal((n, *shape)) + 1.5 * rng.standard_normal((n, shape[0], 1, 1))).astype(np.float32)
-
-
-def _differences(f, point):
-    """d f / d point by central differences, one element at a time."""
-    grad = np.zeros_like(point)
-    for idx in np.ndindex(point.shape):
-        up, down = point.copy(), point.copy()
-        up[idx] += STEP
-        down[idx] -= STEP
-        grad[idx] = (f(up) - f(down)) / (2 * STEP)
-    return grad
 
 
 def _objective(scores, weights, objective, axis):
@@ -53,7 +42,7 @@ def _check(net, x, objective, target, weights, axis):
     for name, start in [("input", -1)] + [(n, i) for i, n in enumerate(names)]:
         point = x.astype(np.float64) if start < 0 else outputs[start]
         rest = _rest(net, start)
-        expected = _differences(lambda v: _objective(rest(v), weights, objective, axis), point)
+        expected = central_differences(lambda v: _objective(rest(v), weights, objective, axis), point, STEP)
         got = res.input_grad if start < 0 else res.gradients[name]
         assert_agree(got, expected, tol=1e-6)
         if start >= 0:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conformance import Conformance, Subject, reference_eps, reference_params
+from layers_protocol import LayersProtocol
 from multisal.backends.chainer.backend import ChainerBackend
 
 # The functions whose backward forms a gradient below LAYER (conv2's output): conv2's own, which
@@ -38,9 +39,8 @@ class Reference(chainer.Chain):
         return self.fc(F.average(h, axis=(2, 3)))
 
 
-class ReferenceLayers(Reference):
-    """The same network in chainer.links.VGG16Layers' protocol: available_layers in execution
-    order and __call__(x, layers=[...]) returning those layers; "fc" is the output the objectives
+class ReferenceLayers(LayersProtocol, Reference):
+    """The same network in chainer.links.VGG16Layers' protocol; "fc" is the output the objectives
     see, being the layer before the final softmax "prob"."""
 
     @property
@@ -48,20 +48,6 @@ class ReferenceLayers(Reference):
         return {"conv1": [self.conv1], "bn1": [self.bn1], "relu1": [F.relu], "conv2": [self.conv2],
                 "relu2": [F.relu], "pool": [lambda h: F.average(h, axis=(2, 3))], "fc": [self.fc],
                 "prob": [F.softmax]}
-
-    @property
-    def available_layers(self):
-        return list(self.functions)
-
-    def forward(self, x, layers=None):
-        layers = ["prob"] if layers is None else layers
-        h, out = x, {}
-        for key, funcs in self.functions.items():
-            for f in funcs:
-                h = f(h)
-            if key in layers:
-                out[key] = h
-        return out
 
 
 class _CountCalls(chainer.LinkHook):
