@@ -1,4 +1,5 @@
-"""Shared test helpers: DESIGN.md's "Numerical agreement" as one assertion."""
+"""Shared test helpers: DESIGN.md's "Numerical agreement" as one assertion, and central
+differences."""
 import numpy as np
 
 # DESIGN.md: relative L2 error <= 1e-3 AND at most 0.1% of elements differing by more than
@@ -32,3 +33,16 @@ def assert_agree(actual, expected, tol=1e-3):
         f"no agreement: relative L2 error {rel_l2:.3e} (limit {tol:g}), "
         f"{100 * bad:.3f}% of {elem.size} elements off by > {tol:g} of the largest magnitude "
         f"(limit {100 * MAX_BAD_FRACTION:g}%), worst {elem.max(initial=0.0):.3e}")
+
+
+def central_differences(f, point, step):
+    """d f / d point of a scalar function f of a float64 array, by central differences one element
+    at a time."""
+    point = np.asarray(point, dtype=np.float64)
+    grad = np.zeros_like(point)
+    for idx in np.ndindex(point.shape):
+        up, down = point.copy(), point.copy()
+        up[idx] += step
+        down[idx] -= step
+        grad[idx] = (f(up) - f(down)) / (2 * step)
+    return grad

@@ -10,7 +10,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from helpers import assert_agree
+from helpers import assert_agree, central_differences
 from multisal.backends.onnx.grad.builder import GradientRequest, build_gradient_model
 from multisal.backends.onnx.grad.builder import grad_name
 from multisal.backends.onnx.grad.objective import TARGET_INPUT
@@ -82,18 +82,8 @@ def finite_differences(model, x, target, objective="logit", step=1e-4):
 def objective_differences(forward, x, target, objective="logit", step=1e-4):
     """d objective / d x of any float64 forward function (inputs -> scores), by central
     differences one element at a time."""
-    x = x.astype(np.float64)
-
-    def f(v):
-        return objective_from_scores(forward(v), objective, np.asarray(target)).sum()
-
-    grad = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[idx] += step
-        xm[idx] -= step
-        grad[idx] = (f(xp) - f(xm)) / (2 * step)
-    return grad
+    return central_differences(lambda v: objective_from_scores(forward(v), objective, np.asarray(target)).sum(),
+                               x, step)
 
 
 def check_input_gradient(model, x, target=None, objective="logit", tol=1e-3):

@@ -10,6 +10,7 @@ import pytest
 
 import multisal as ms
 from helpers import assert_agree
+from layers_protocol import LayersProtocol
 from multisal.objectives import objective_from_scores
 
 
@@ -47,27 +48,13 @@ class SmallNet(chainer.Chain):
         return self.fc(h)
 
 
-class SmallLayers(SmallNet):
+class SmallLayers(LayersProtocol, SmallNet):
     """The VGG16Layers protocol: available_layers in execution order, __call__(x, layers=[...])."""
 
     @property
     def functions(self):
         return {"conv1": [self.conv1, F.relu], "conv2": [self.conv2, F.relu],
                 "pool": [lambda h: F.max_pooling_2d(h, 2)], "fc": [self.fc], "prob": [F.softmax]}
-
-    @property
-    def available_layers(self):
-        return list(self.functions)
-
-    def forward(self, x, layers=None):
-        layers = ["prob"] if layers is None else layers
-        h, out = x, {}
-        for key, funcs in self.functions.items():
-            for f in funcs:
-                h = f(h)
-            if key in layers:
-                out[key] = h
-        return out
 
 
 @pytest.fixture(scope="module")
