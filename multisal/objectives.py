@@ -71,6 +71,28 @@ def class_weights(ops, scores, target):
     return ops.one_hot(indices, ops.shape(scores)[1]), indices
 
 
+def target_weights(ops, scores, target):
+    """(W, the class index each sample used or None, the class axis) of a backend's target on its
+    output `scores`: a Region's mask, or class_weights of a classifier's (N, classes) output."""
+    shape = tuple(ops.shape(scores))
+    if isinstance(target, Region):
+        return ops.constant(target.weights(shape)), None, Region.class_axis(shape)
+    if len(shape) != 2:
+        raise MultisalError(f"the model output has shape {shape}; a class target needs (N, classes), "
+                            "use ms.region(channel, box=...) for dense outputs")
+    if isinstance(target, np.ndarray):
+        check_target_range(target, shape[1])
+    weights, indices = class_weights(ops, scores, target)
+    return weights, indices, 1
+
+
+def objective_value(ops, scores, objective: str, target):
+    """(the sum over the batch of each sample's objective, the class index each sample used or None):
+    what a backend differentiates."""
+    weights, indices, axis = target_weights(ops, scores, target)
+    return ops.total(objective_terms(ops, scores, weights, objective, axis)), indices
+
+
 class NumpyOps:
     """The objective's operations on NumPy arrays (float64), for reference values and NumPy backends."""
 
@@ -103,6 +125,10 @@ class NumpyOps:
     @staticmethod
     def shape(x):
         return x.shape
+
+    @staticmethod
+    def constant(array):
+        return np.asarray(array, dtype=np.float64)
 
 
 def objective_from_scores(scores: np.ndarray, objective: str, target) -> np.ndarray:

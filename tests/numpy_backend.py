@@ -23,7 +23,7 @@ import multisal as ms
 from multisal.backend import ByteSize, parse_bytes
 from multisal.errors import MultisalError
 from multisal.modelspec import call_factory, model_kind
-from multisal.objectives import NumpyOps, Region, check_target_range, class_weights
+from multisal.objectives import NumpyOps, target_weights
 
 DEFAULT_MEMORY_BUDGET = 64 << 20
 
@@ -280,17 +280,9 @@ class NumpyBackend(ms.Backend):
     @staticmethod
     def _weights(scores, target):
         """(W, the class index per sample or None, the class axis) for a target of run()."""
-        if isinstance(target, Region):
-            # Region.weights refuses, in one line, an output that is not dense.
-            weights = np.broadcast_to(target.weights(scores.shape), scores.shape).astype(np.float64)
-            return weights, None, Region.class_axis(scores.shape)
-        if scores.ndim != 2:
-            raise MultisalError(f"the model output has shape {scores.shape}; a class target needs (N, classes), "
-                                "use ms.region(channel, box=...) for dense outputs")
-        if isinstance(target, np.ndarray):
-            check_target_range(target, scores.shape[1])
-        weights, indices = class_weights(NumpyOps, scores, target)
-        return weights, np.asarray(indices, dtype=np.int64), 1
+        weights, indices, axis = target_weights(NumpyOps, scores, target)
+        weights = np.broadcast_to(weights, scores.shape)
+        return weights, None if indices is None else np.asarray(indices, dtype=np.int64), axis
 
 
 def register():

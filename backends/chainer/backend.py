@@ -40,7 +40,7 @@ from multisal.backend import Backend, ByteSize, Result, parse_bytes
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 from multisal.modelspec import call_factory, model_kind
-from multisal.objectives import Region, check_target_range, class_weights, objective_terms
+from multisal.objectives import objective_value
 from multisal.registry import register_backend
 
 chainer = lazy_import("chainer")
@@ -288,17 +288,7 @@ class ChainerBackend(Backend):
 
     def _objective(self, out, objective, target):
         """The sum over the batch of each sample's objective (samples stay independent in eval mode)."""
-        ops = _ChainerOps(self.device)
-        if isinstance(target, Region):
-            weights = self.device.send(target.weights(tuple(out.shape)))
-            return ops.total(objective_terms(ops, out, weights, objective, Region.class_axis(out.shape))), None
-        if out.ndim != 2:
-            raise MultisalError(f"the model output has shape {tuple(out.shape)}; a class target needs (N, classes), "
-                                "use ms.region(channel, box=...) for dense outputs")
-        if isinstance(target, np.ndarray):
-            check_target_range(target, out.shape[1])
-        weights, idx = class_weights(ops, out, target)
-        return ops.total(objective_terms(ops, out, weights, objective, 1)), idx
+        return objective_value(_ChainerOps(self.device), out, objective, target)
 
     # ---- from a configuration ------------------------------------------------------------------
     @classmethod
@@ -367,3 +357,6 @@ class _ChainerOps:
     @staticmethod
     def shape(x):
         return tuple(x.shape)
+
+    def constant(self, array):
+        return self.device.send(np.asarray(array))

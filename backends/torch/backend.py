@@ -25,7 +25,7 @@ from multisal.backend import Backend, ByteSize, Result, parse_bytes
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 from multisal.modelspec import call_factory, model_kind
-from multisal.objectives import Region, check_target_range, class_weights, objective_terms
+from multisal.objectives import objective_value
 from multisal.registry import register_backend
 
 from .fold import fold_batchnorm
@@ -361,20 +361,14 @@ class _TorchOps:
     def shape(x):
         return tuple(x.shape)
 
+    def constant(self, array):
+        return torch.from_numpy(np.asarray(array)).to(self.device)
+
 
 def _objective(out, objective, target):
     """The sum over the batch of each sample's objective, and the class index each one used."""
-    ops = _TorchOps(out.device)
-    if isinstance(target, Region):
-        weights = torch.from_numpy(target.weights(tuple(out.shape))).to(out.device)
-        return ops.total(objective_terms(ops, out, weights, objective, Region.class_axis(out.shape))), None
-    if out.dim() != 2:
-        raise MultisalError(f"the model output has shape {tuple(out.shape)}; a class target needs (N, classes), "
-                            "use ms.region(channel, box=...) for dense outputs")
-    if isinstance(target, np.ndarray):
-        check_target_range(target, out.shape[1])
-    weights, idx = class_weights(ops, out, target)
-    return ops.total(objective_terms(ops, out, weights, objective, 1)), idx.cpu().numpy()
+    value, indices = objective_value(_TorchOps(out.device), out, objective, target)
+    return value, None if indices is None else indices.cpu().numpy()
 
 
 def _state_dict(path):

@@ -249,6 +249,11 @@ def test_class_names_from_a_labels_file(tmp_path, capsys):
     labels.write_text("cat\ndog\n")
     assert main(["explain", str(tmp_path / "p.png"), *TINY, "--labels", str(labels), "--out", str(out)]) == 2
     assert "config key 'labels': " in capsys.readouterr().err
+    labels.write_text("cat\ndog\nbird\nfish\nfrog\n")                  # a near miss names the class it is near
+    assert main(["explain", str(tmp_path / "p.png"), *TINY, "--labels", str(labels), "--target", "fihs",
+                 "--method", "gradcam", "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("multisal: error: config key 'target':") and '"fish"' in err[0], err
 
 
 def test_layers_and_methods_commands(capsys):

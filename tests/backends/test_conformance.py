@@ -182,7 +182,7 @@ class OnnxSubject(Subject):
         be = OnnxBackend(self.path, cache_dir=self.cache_dir, memory_budget=memory_budget)
         # Every session the backend makes goes through its _session: wrap what it returns.
         make = be._session
-        be._session = lambda graph_bytes: _CountedSession(make(graph_bytes), graph_bytes, self)
+        be._session = lambda graph_bytes, *what: _CountedSession(make(graph_bytes, *what), graph_bytes, self)
         return be
 
     def forward_passes(self):
