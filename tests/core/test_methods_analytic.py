@@ -186,3 +186,22 @@ def test_legacy_noise_is_numpys_global_seed_then_randn_per_sample(x):
         np.random.set_state(state)
     got = ms.smoothgrad(be, x, 4, objective="softmax", n=n, sigma=sigma, noise="legacy", seed=seed, batch_size=3)
     np.testing.assert_allclose(got, np.stack(expected), rtol=1e-6)
+
+
+def test_without_a_preset_each_image_gets_noise_relative_to_its_own_range():
+    """The SmoothGrad paper's noise level is relative to x_max - x_min of the image: two images of
+    different contrast get their own sigma, so an image's map does not depend on the images beside
+    it (with one batch-wide range the low-contrast image got the other's noise)."""
+    be = nb.NumpyBackend(nb.classifier(), float64=True)
+    assert be.preset is None
+    rng = np.random.default_rng(3)
+    x = np.stack([rng.standard_normal(SHAPE), 10 * rng.standard_normal(SHAPE)]).astype(np.float32)
+    both = ms.smoothgrad(be, x, target=[0, 0], n=6, noise_level=0.2)
+    for i in range(2):
+        np.testing.assert_allclose(both[i], ms.smoothgrad(be, x[i:i + 1], target=[0], n=6, noise_level=0.2)[0],
+                                   rtol=1e-6)
+    # The noise itself: sigma_i = 0.2 * (max - min) of image i, drawn from image i's own stream.
+    draws = np.random.Generator(np.random.PCG64(0)).standard_normal((6, *SHAPE), dtype=np.float32)
+    sigma = 0.2 * (x[1].max() - x[1].min())
+    expected = ms.smoothgrad(be, x[1:], target=[0], n=6, noise=draws * np.float32(sigma))
+    np.testing.assert_allclose(both[1], expected[0], rtol=1e-5)
