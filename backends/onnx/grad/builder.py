@@ -24,9 +24,9 @@ from multisal.frameworks import lazy_import
 
 from .context import FLOAT, FLOAT_TYPES, INT32, INT64, RULES, GradContext
 from .objective import build_objective
-from .rules import elementwise, nn, pool_norm, tensor  # noqa: F401  (they fill RULES)
-from .rules import math as _math_rules, shape as _shape_rules  # noqa: F401
-from .rules.tensor import pad_params
+# Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
+from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
+from .rules import shape as shape_rules
 
 onnx = lazy_import("onnx")
 ort = lazy_import("onnxruntime")
@@ -186,7 +186,7 @@ def fold_pads_into_convs(model, ctx, keep=()):
                             or ctx.attr(u, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for u in users):
             continue
         try:
-            mode, rank, pads = pad_params(ctx, node)
+            mode, rank, pads = shape_rules.pad_params(ctx, node)
         except MultisalError:   # pads computed from the input's values: not foldable
             continue
         value = ctx.attr(node, "value", 0.0) if ctx.opset < 11 else \

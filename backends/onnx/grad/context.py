@@ -21,6 +21,8 @@ numpy_helper = lazy_import("onnx.numpy_helper")
 # onnx.TensorProto's element types (numbers fixed by the ONNX standard).
 FLOAT, INT32, INT64, BOOL, FLOAT16, DOUBLE, BFLOAT16 = 1, 6, 7, 9, 10, 11, 16
 FLOAT_TYPES = {FLOAT, DOUBLE, FLOAT16, BFLOAT16}
+INT64_MAX = int(np.iinfo(np.int64).max)
+INT64_MIN = int(np.iinfo(np.int64).min)
 
 RULES: Dict[str, Callable] = {}
 
@@ -31,6 +33,15 @@ def rule(*op_types):
             RULES[op] = fn
         return fn
     return register
+
+
+def node_label(node):
+    """How messages name a node: its name, else its first output (ONNX nodes need no name)."""
+    return node.name or node.output[0]
+
+
+def normalize_axis(axis, rank):
+    return int(axis) + rank if int(axis) < 0 else int(axis)
 
 
 class GradContext:
@@ -132,6 +143,109 @@ class GradContext:
             grad = self.reduce("ReduceSum", grad, range(lead), keepdims=False)
         axes = [i for i, (o, n) in enumerate(zip(out_shape[lead:], in_shape)) if n == 1 and o != 1]
         return self.reduce("ReduceSum", grad, axes, keepdims=True)
+
+    # ---- building blocks the rules share --------------------------------------------------------
+    def np_dtype(self, name):
+        """The numpy element type of a tensor (float32 where the probe did not see it)."""
+        return helper.tensor_dtype_to_np_dtype(self.dtypes.get(name, FLOAT))
+
+    def const_like(self, value, like):
+        """A constant in the element type of tensor `like`."""
+        return self.const(value, dtype=self.np_dtype(like))
+
+    def zeros_like(self, name):
+        """Zeros shaped like a forward tensor (its batch extent taken at run time)."""
+        zero = numpy_helper.from_array(np.zeros(1, dtype=self.np_dtype(name)))
+        return self.emit("ConstantOfShape", [self.emit("Shape", [name])], value=zero)
+
+    def reshape(self, x, target):
+        return self.emit("Reshape", [x, self.int64s(target)])
+
+    def slice(self, x, axes, starts, ends, steps=None):
+        """x[starts:ends:steps] along axes, as a Slice of the model's opset (inputs from opset 10)."""
+        steps = list(steps) if steps is not None else [1] * len(axes)
+        if self.opset >= 10:
+            inputs = [x, self.int64s(starts), self.int64s(ends), self.int64s(axes)]
+            if any(s != 1 for s in steps):
+                inputs.append(self.int64s(steps))
+            return self.emit("Slice", inputs)
+        if any(s != 1 for s in steps):
+            raise MultisalError(f"opset {self.opset}: Slice has no steps before opset 10")
+        return self.emit("Slice", [x], starts=[int(s) for s in starts], ends=[int(e) for e in ends],
+                         axes=[int(a) for a in axes])
+
+    def reverse(self, x, axis):
+        # x[::-1] along axis: start at the last element, end clamped to before the first.
+        return self.slice(x, [axis], [-1], [INT64_MIN], [-1])
+
+    def pad(self, x, rank, pads_by_axis):
+        """Zero padding, {axis: (before, after)}, in the model's opset form (pads an input from 11)."""
+        pads = [0] * (2 * rank)
+        for axis, (before, after) in pads_by_axis.items():
+            pads[axis], pads[axis + rank] = int(before), int(after)
+        if not any(pads):
+            return x
+        if self.opset >= 11:
+            return self.emit("Pad", [x, self.int64s(pads)])
+        return self.emit("Pad", [x], pads=pads)
+
+    def contract_axis(self, g, axis, rank, matrix, dtype=np.float32):
+        """g contracted with a matrix along one axis: out[..., j, ...] = sum_i g[..., i, ...] M[i, j].
+
+        matrix is a numpy array (a constant of the graph) or the name of a 2-D tensor."""
+        const = not isinstance(matrix, str)
+        if axis == rank - 1:
+            return self.emit("MatMul", [g, self.const(matrix, dtype=dtype) if const else matrix])
+        if axis == rank - 2:  # M^T @ g broadcasts over the leading axes
+            mt = self.const(np.ascontiguousarray(matrix.T), dtype=dtype) if const else \
+                self.emit("Transpose", [matrix], perm=[1, 0])
+            return self.emit("MatMul", [mt, g])
+        perm = [i for i in range(rank) if i != axis] + [axis]
+        moved = self.emit("Transpose", [g], perm=perm)
+        out = self.emit("MatMul", [moved, self.const(matrix, dtype=dtype) if const else matrix])
+        return self.emit("Transpose", [out], perm=[int(i) for i in np.argsort(perm)])
+
+    def inverse_count(self, x, reduced, axes):
+        """1 / the number of elements of x reduced over axes into `reduced`: a constant, or computed
+        from the sizes when the batch axis is among them (the batch is free at run time)."""
+        if 0 not in axes:
+            shape = self.shape(x)
+            return self.const(1.0 / int(np.prod([shape[a] for a in axes])))
+        sizes = [self.emit("Cast", [self.emit("Size", [t])], to=FLOAT) for t in (reduced, x)]
+        return self.emit("Div", sizes)
+
+    def sliding_window(self, node, kernel):
+        """strides, dilations, begin pads and end pads of a Conv or pool node over its spatial axes.
+
+        SAME_UPPER puts the odd pad at the end, SAME_LOWER at the beginning, as onnxruntime does;
+        the output size is the probed one (it already says what ceil_mode did)."""
+        in_sp, out_sp = self.shape(node.input[0])[2:], self.shape(node.output[0])[2:]
+        spatial = len(in_sp)
+        strides = [int(s) for s in self.attr(node, "strides", [1] * spatial)]
+        dilations = [int(d) for d in self.attr(node, "dilations", [1] * spatial)]
+        auto_pad = self.attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        pads = self.attr(node, "pads")
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = [], []
+            for k, s, d, n, o in zip(kernel, strides, dilations, in_sp, out_sp):
+                total = max((o - 1) * s + (k - 1) * d + 1 - n, 0)
+                small = total // 2
+                begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+                end.append(total - begin[-1])
+        elif auto_pad == "VALID" or pads is None:
+            begin, end = [0] * spatial, [0] * spatial
+        else:
+            begin, end = [int(p) for p in pads[:spatial]], [int(p) for p in pads[spatial:]]
+        return strides, dilations, begin, end
+
+    def only_data_input(self, node, what="its first input"):
+        """Refuses a node whose other inputs (weights, statistics) depend on the differentiated
+        tensors: its rule differentiates only the data input."""
+        for i in range(1, len(node.input)):
+            if self.needs(node, i):
+                raise MultisalError(f"{node.op_type} node {node_label(node)!r}: input {i} ({node.input[i]!r}) depends "
+                                    f"on the differentiated tensors; only the gradient through {what} is supported")
 
     def add_all(self, names):
         names = [n for n in names if n is not None]

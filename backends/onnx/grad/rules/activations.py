@@ -1,34 +1,48 @@
-"""Gradient rules of elementwise math, activations and softmax.
+"""Gradient rules of activations: the ReLU family, sigmoids and smooth activations, softmax.
 
-Written for opsets 11 to 21. Masks are float 0/1 applied with Mul (not Where, which onnxruntime runs
-several times slower); a node's forward output is reused where it saves work (Sigmoid, Tanh, Exp,
-Sqrt, Reciprocal, Softmax, ...). At a kink (x = 0 for Abs/LeakyRelu/PRelu/Elu, the corners of
+Masks are float 0/1 applied with Mul, not Where: onnxruntime runs Where slower, which dominated
+the profile of a depthwise network. A node's forward output is reused where it saves work (Relu,
+Clip, Sigmoid, Tanh, Softmax, ...). At a kink (x = 0 for LeakyRelu/PRelu/Elu, the corners of
 HardSigmoid/HardSwish) the rule takes one of the one-sided derivatives, as frameworks do.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from multisal.frameworks import lazy_import
-
-from ..context import rule
-
-helper = lazy_import("onnx.helper")
-
-
-def _one_input(node, dx):
-    return [dx] + [None] * (len(node.input) - 1)
-
-
-def _const_like(ctx, value, like):
-    """A constant in the element type of tensor `like` (float32 when unknown)."""
-    dtype = ctx.dtypes.get(like)
-    return ctx.const(value, dtype=helper.tensor_dtype_to_np_dtype(dtype) if dtype else np.float32)
+from ..context import normalize_axis, rule
 
 
 # ---- the ReLU family -------------------------------------------------------------------------------
+
+@rule("Relu")
+def relu(ctx, node, dys):
+    positive = ctx.mask(ctx.emit("Greater", [node.output[0], ctx.const(0.0)]))
+    return [ctx.emit("Mul", [dys[0], positive])]
+
+
+@rule("Clip")
+def clip(ctx, node, dys):
+    """Gradient passes strictly inside (min, max); min/max come as attributes (opset < 11) or inputs.
+
+    The test reads the output y, not the input: min < x < max exactly when min < y < max (outside,
+    y sits on a bound), and leaving x unread lets onnxruntime fuse the Conv before a ReLU6."""
+    y = node.output[0]
+    if ctx.opset < 11:
+        lo, hi = ctx.attr(node, "min"), ctx.attr(node, "max")
+        lo = None if lo is None else ctx.const(lo)
+        hi = None if hi is None else ctx.const(hi)
+    else:
+        lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    inside = None
+    for bound, op in ((lo, "Greater"), (hi, "Less")):
+        if bound is not None:
+            cond = ctx.emit(op, [y, bound])
+            inside = cond if inside is None else ctx.emit("And", [inside, cond])
+    if inside is None:
+        return [dys[0]]
+    return [ctx.emit("Mul", [dys[0], ctx.mask(inside)])]
+
 
 @rule("LeakyRelu")
 def leaky_relu(ctx, node, dys):
@@ -145,117 +159,13 @@ def gelu(ctx, node, dys):
     return [ctx.emit("Mul", [dys[0], ctx.emit("Add", [half_cdf, rest])])]
 
 
-# ---- exp, log, powers -------------------------------------------------------------------------------
-
-@rule("Exp")
-def exp(ctx, node, dys):
-    """dx = dy y."""
-    return [ctx.emit("Mul", [dys[0], node.output[0]])]
-
-
-@rule("Log")
-def log(ctx, node, dys):
-    """dx = dy / x."""
-    return [ctx.emit("Div", [dys[0], node.input[0]])]
-
-
-@rule("Sqrt")
-def sqrt(ctx, node, dys):
-    """dx = dy / (2 y)."""
-    return [ctx.emit("Div", [ctx.emit("Mul", [dys[0], ctx.const(0.5)]), node.output[0]])]
-
-
-@rule("Reciprocal")
-def reciprocal(ctx, node, dys):
-    """y = 1/x: dx = -dy y^2."""
-    y = node.output[0]
-    return [ctx.emit("Neg", [ctx.emit("Mul", [dys[0], ctx.emit("Mul", [y, y])])])]
-
-
-@rule("Abs")
-def abs_(ctx, node, dys):
-    """dx = dy sign(x) (0 at x = 0)."""
-    return [ctx.emit("Mul", [dys[0], ctx.emit("Sign", [node.input[0]])])]
-
-
-@rule("Pow")
-def pow_(ctx, node, dys):
-    """y = a^b, broadcasting: da = dy b a^(b-1); db = dy y log(a) (NaN for a < 0 and at a = 0, as the
-    formula says; only formed when the exponent depends on what is differentiated). A constant
-    exponent is folded at build time (b = 2 gives 2 a, b = 1 gives 1); an integer exponent (opset
-    12+) is cast to the base's type."""
-    a, b = node.input
-    y = node.output[0]
-    grads = [None, None]
-    if ctx.needs(node, 0):
-        value = ctx.const_value(b)
-        if value is not None:
-            bv = np.asarray(value, dtype=np.float64)
-            if bv.size == 1 and float(bv.reshape(-1)[0]) == 1.0:
-                factor = None
-            elif bv.size == 1 and float(bv.reshape(-1)[0]) == 2.0:
-                factor = ctx.emit("Mul", [a, _const_like(ctx, 2.0, a)])
-            else:
-                factor = ctx.emit("Mul", [ctx.emit("Pow", [a, _const_like(ctx, bv - 1.0, a)]), _const_like(ctx, bv, a)])
-        else:
-            bf = b if ctx.dtypes.get(b) == ctx.dtypes.get(a) else ctx.emit("Cast", [b], to=ctx.dtypes[a])
-            factor = ctx.emit("Mul", [ctx.emit("Pow", [a, ctx.emit("Sub", [bf, _const_like(ctx, 1.0, a)])]), bf])
-        da = dys[0] if factor is None else ctx.emit("Mul", [dys[0], factor])
-        grads[0] = ctx.unbroadcast(da, y, a)
-    if ctx.needs(node, 1):
-        db = ctx.emit("Mul", [ctx.emit("Mul", [dys[0], y]), ctx.emit("Log", [a])])
-        grads[1] = ctx.unbroadcast(db, y, b)
-    return grads
-
-
-# ---- variadic, broadcasting ops -----------------------------------------------------------------------
-
-@rule("Mean")
-def mean(ctx, node, dys):
-    """dx_i = unbroadcast(dy / n)."""
-    if not any(ctx.needs(node, i) for i in range(len(node.input))):
-        return [None] * len(node.input)
-    dy = dys[0] if len(node.input) == 1 else ctx.emit("Mul", [dys[0], ctx.const(1.0 / len(node.input))])
-    return [ctx.unbroadcast(dy, node.output[0], x) if ctx.needs(node, i) else None
-            for i, x in enumerate(node.input)]
-
-
-@rule("Max", "Min")
-def max_min(ctx, node, dys):
-    """The gradient goes to the inputs equal to the output; where k inputs tie, each gets dy / k (as
-    torch.maximum / torch.minimum split a tie between their two operands), so the inputs' gradients
-    always sum to dy. dx_i = unbroadcast(dy [x_i = y] / sum_j [x_j = y])."""
-    y = node.output[0]
-    if len(node.input) == 1:
-        return [dys[0]]
-    if not any(ctx.needs(node, i) for i in range(len(node.input))):
-        return [None] * len(node.input)
-    hits = [ctx.mask(ctx.emit("Equal", [x, y])) for x in node.input]
-    share = ctx.emit("Div", [dys[0], ctx.emit("Sum", hits)])
-    return [ctx.unbroadcast(ctx.emit("Mul", [share, hit]), y, x) if ctx.needs(node, i) else None
-            for i, (x, hit) in enumerate(zip(node.input, hits))]
-
-
-@rule("Where")
-def where(ctx, node, dys):
-    """y = cond ? X : Y, broadcasting: dX = unbroadcast(dy [cond]), dY = unbroadcast(dy - dy [cond]);
-    the condition is boolean and gets none."""
-    cond, a, b = node.input
-    y = node.output[0]
-    picked = ctx.emit("Mul", [dys[0], ctx.mask(cond)])        # shaped like y: dy has y's shape
-    da = ctx.unbroadcast(picked, y, a) if ctx.needs(node, 1) else None
-    db = ctx.unbroadcast(ctx.emit("Sub", [dys[0], picked]), y, b) if ctx.needs(node, 2) else None
-    return [None, da, db]
-
-
 # ---- softmax ------------------------------------------------------------------------------------------
 
 def _softmax_axes(ctx, node):
     """The axes a (Log)Softmax normalises over: from opset 13 the one axis (default -1); before, the
     input is coerced to 2D at axis (default 1), i.e. it normalises over all axes from axis on."""
     rank = ctx.rank(node.input[0])
-    axis = int(ctx.attr(node, "axis", -1 if ctx.opset >= 13 else 1))
-    axis = axis + rank if axis < 0 else axis
+    axis = normalize_axis(ctx.attr(node, "axis", -1 if ctx.opset >= 13 else 1), rank)
     return [axis] if ctx.opset >= 13 else list(range(axis, rank))
 
 

@@ -1,31 +1,14 @@
-"""Gradient rules of the layers with weights: Conv, Gemm, MatMul, Einsum, BatchNormalization, and
-global pooling. Only input gradients are formed; weights are constants of the gradient graph."""
+"""Gradient rules of the linear maps with weights: Conv, ConvTranspose, Gemm, MatMul, Einsum.
+
+Only input gradients are formed; weights are constants of the gradient graph.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from multisal.errors import MultisalError
 
-from ..context import rule
-
-
-def _conv_attrs(ctx, node, spatial):
-    strides = list(ctx.attr(node, "strides", [1] * spatial))
-    dilations = list(ctx.attr(node, "dilations", [1] * spatial))
-    group = int(ctx.attr(node, "group", 1))
-    pads = ctx.attr(node, "pads")
-    auto_pad = ctx.attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    in_shape, out_shape = ctx.shape(node.input[0]), ctx.shape(node.output[0])
-    kernel = ctx.shape(node.input[1])[2:]
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID") or pads is None:
-        pads = [0] * (2 * spatial)
-        if auto_pad.startswith("SAME"):
-            for d in range(spatial):
-                total = max((out_shape[2 + d] - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 - in_shape[2 + d], 0)
-                small, large = total // 2, total - total // 2
-                pads[d], pads[d + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    return strides, dilations, group, list(pads), kernel, in_shape, out_shape
+from ..context import node_label, rule
 
 
 @rule("Conv")
@@ -34,9 +17,11 @@ def conv(ctx, node, dys):
         return [None] * len(node.input)
     x, w = node.input[0], node.input[1]
     spatial = ctx.rank(x) - 2
-    strides, dilations, group, pads, kernel, in_shape, out_shape = _conv_attrs(ctx, node, spatial)
+    in_shape, out_shape, kernel = ctx.shape(x), ctx.shape(node.output[0]), ctx.shape(w)[2:]
+    strides, dilations, begin, end = ctx.sliding_window(node, kernel)
+    pads = begin + end
+    group = int(ctx.attr(node, "group", 1))
     wv = ctx.const_value(w)
-    begin, end = pads[:spatial], pads[spatial:]
     unit = all(s == 1 for s in strides) and all(d == 1 for d in dilations)
     if wv is not None and unit:
         # Stride 1: the input gradient is a convolution of dy with the flipped, transposed kernel,
@@ -61,7 +46,7 @@ def conv(ctx, node, dys):
         covered = (out_shape[2 + d] - 1) * strides[d] - begin[d] - end[d] + (kernel[d] - 1) * dilations[d] + 1
         extra = in_shape[2 + d] - covered
         if extra < 0 or extra >= max(strides[d], dilations[d]):
-            raise MultisalError(f"Conv node {node.name!r}: cannot invert its geometry (input {in_shape}, output {out_shape})")
+            raise MultisalError(f"Conv node {node_label(node)!r}: cannot invert its geometry (input {in_shape}, output {out_shape})")
         out_pad.append(extra)
     dx = ctx.emit("ConvTranspose", [dys[0], w], group=group, strides=strides, dilations=dilations,
                   pads=pads, output_padding=out_pad, kernel_shape=list(kernel))
@@ -165,36 +150,12 @@ def matmul(ctx, node, dys):
         grads[0] = da
     if ctx.needs(node, 1):
         if ra == 1 or rb == 1:
-            raise MultisalError(f"MatMul node {node.name!r}: gradient of a vector operand that is an activation")
+            raise MultisalError(f"MatMul node {node_label(node)!r}: gradient of a vector operand that is an activation")
         db = ctx.emit("MatMul", [_swap_last(ctx, a), dys[0]])
         if rb < ry:
             db = ctx.reduce("ReduceSum", db, range(ry - rb), keepdims=False)
         grads[1] = db
     return grads
-
-
-@rule("BatchNormalization")
-def batch_norm(ctx, node, dys):
-    """Inference form: y = (x - mean) / sqrt(var + eps) * scale + bias, a per-channel scale."""
-    x, scale, _bias, _mean, var = node.input[:5]
-    eps = float(ctx.attr(node, "epsilon", 1e-5))
-    sv, vv = ctx.const_value(scale), ctx.const_value(var)
-    rank = ctx.rank(x)
-    if sv is not None and vv is not None:
-        factor = (sv / np.sqrt(vv.astype(np.float64) + eps)).astype(sv.dtype)
-        factor = ctx.const(factor.reshape(-1, *([1] * (rank - 2))), dtype=sv.dtype)
-    else:
-        den = ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.const(eps)])])
-        factor = ctx.unsqueeze(ctx.emit("Div", [scale, den]), list(range(1, rank - 1)))
-    return [ctx.emit("Mul", [dys[0], factor])] + [None] * (len(node.input) - 1)
-
-
-@rule("GlobalAveragePool")
-def global_average_pool(ctx, node, dys):
-    x = node.input[0]
-    size = int(np.prod(ctx.shape(x)[2:]))
-    scaled = ctx.emit("Mul", [dys[0], ctx.const(1.0 / size)])
-    return [ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])]
 
 
 def _einsum_terms(ctx, node):
@@ -239,7 +200,7 @@ def einsum(ctx, node, dys):
             continue
         term = operands[i]
         if len(set(term)) < len(term) or any(n != sizes[c] for c, n in zip(term, ctx.shape(x))):
-            raise MultisalError(f"Einsum node {node.name or node.output[0]!r}: no gradient for operand {i} "
+            raise MultisalError(f"Einsum node {node_label(node)!r}: no gradient for operand {i} "
                                 f"({''.join(term)}): a repeated or broadcast subscript")
         others = [t for j, t in enumerate(operands) if j != i]
         seen = set(output).union(*others)
@@ -251,3 +212,47 @@ def einsum(ctx, node, dys):
             dx = ctx.emit("Expand", [dx, ctx.emit("Shape", [x])])
         grads[i] = dx
     return grads
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx, node, dys):
+    """Y[o, s*i + d*u - pad] += X[c, i] * W[c, o, u] (per group), so dX = Conv(dY, W) with the same
+    strides, dilations and group and the begin pads; the end pads are whatever brings the Conv's
+    output back to X's size (output_padding and output_shape only add rows no input reaches).
+    With output_shape or SAME_*, the total pad is split as onnxruntime does: the odd one at the
+    beginning except for SAME_UPPER."""
+    ctx.only_data_input(node, "the data input (X)")
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    spatial = len(in_shape) - 2
+    kernel = list(ctx.attr(node, "kernel_shape", None) or ctx.shape(w)[2:])
+    strides = [int(s) for s in ctx.attr(node, "strides", [1] * spatial)]
+    dilations = [int(d) for d in ctx.attr(node, "dilations", [1] * spatial)]
+    group = int(ctx.attr(node, "group", 1))
+    out_pad = list(ctx.attr(node, "output_padding", [0] * spatial))
+    auto_pad = ctx.attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = ctx.attr(node, "pads")
+    begin = []
+    for d in range(spatial):
+        full = strides[d] * (in_shape[2 + d] - 1) + out_pad[d] + (kernel[d] - 1) * dilations[d] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER") or ctx.attr(node, "output_shape") is not None:
+            total = full - out_shape[2 + d]
+            begin.append(max(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2, 0))
+        elif auto_pad == "VALID" or pads is None:
+            begin.append(0)
+        else:
+            begin.append(int(pads[d]))
+    end = []
+    for d in range(spatial):
+        f = (kernel[d] - 1) * dilations[d] + 1
+        e = strides[d] * (in_shape[2 + d] - 1) + f - out_shape[2 + d] - begin[d]
+        if e < 0 and out_shape[2 + d] + begin[d] - f < strides[d] * (in_shape[2 + d] - 1) + strides[d]:
+            e = 0          # the rows past the last window are dropped by the Conv's floor anyway
+        if e < 0:
+            raise MultisalError(f"ConvTranspose node {node_label(node)!r}: cannot invert its geometry "
+                                f"(input {in_shape}, output {out_shape})")
+        end.append(e)
+    dx = ctx.emit("Conv", [dys[0], w], kernel_shape=kernel, strides=strides, dilations=dilations, group=group,
+                  pads=begin + end)
+    return [dx] + [None] * (len(node.input) - 1)
