@@ -1,6 +1,6 @@
 """Gradient rules of activations and softmax (rules/activations.py), and the objectives written
 on them, against float64 finite differences, at opsets 11, 13 and 21 (an op newer than 11 at its
-first opset and 21).
+first opset and 21), beyond each rule's case in the table (tests/onnx_rule_cases.py).
 
 Inputs are drawn away from every kink (finite differences mean nothing there). onnx's
 ReferenceEvaluator normalises Softmax/LogSoftmax along the one axis at every opset, not over the
@@ -30,30 +30,6 @@ def _draw(low, high, kinks=()):
 
 def _model(body, opset, inits=None):
     return model_with_head(body, SHAPE, SHAPE, RNG, inits, opset=opset)
-
-
-# (op, attributes, first opset, low, high, kinks)
-UNARY = [
-    ("LeakyRelu", {"alpha": 0.1}, 11, -2, 2, [0]),
-    ("Elu", {"alpha": 0.7}, 11, -2, 2, [0]),
-    ("Sigmoid", {}, 11, -3, 3, []),
-    ("HardSigmoid", {}, 11, -4, 4, [-2.5, 2.5]),
-    ("HardSigmoid", {"alpha": 0.5, "beta": 0.6}, 11, -3, 3, [-1.2, 0.8]),
-    ("HardSwish", {}, 14, -5, 5, [-3, 3]),
-    ("Tanh", {}, 11, -2, 2, []),
-    ("Softplus", {}, 11, -3, 3, []),
-    ("Erf", {}, 11, -2, 2, []),
-    ("Gelu", {}, 20, -3, 3, []),
-    ("Gelu", {"approximate": "tanh"}, 20, -3, 3, []),
-]
-
-
-@pytest.mark.parametrize("op, attrs, opset, low, high, kinks", [
-    pytest.param(op, attrs, opset, low, high, kinks, id=f"{op}{''.join(f'-{v}' for v in attrs.values())}-{opset}")
-    for op, attrs, first, low, high, kinks in UNARY for opset in opsets_from(first)])
-def test_unary(op, attrs, opset, low, high, kinks):
-    model = _model([helper.make_node(op, ["x"], ["h"], **attrs)], opset)
-    check_input_gradient(model, _draw(low, high, kinks), TARGET)
 
 
 @pytest.mark.parametrize("opset", [10, 11, 13])

@@ -1,5 +1,6 @@
 """Gradient rules of arithmetic (rules/arithmetic.py), against float64 finite differences, at
-opsets 11, 13 and 21 (an op newer than 11 at its first opset and 21).
+opsets 11, 13 and 21 (an op newer than 11 at its first opset and 21), beyond each rule's case in
+the table (tests/onnx_rule_cases.py).
 
 Inputs are drawn away from every kink (finite differences mean nothing there) and inside each op's
 domain.
@@ -37,25 +38,6 @@ def test_relu_add_mul_sub_div(opset):
     model = model_with_head(body, (1, 2, 3, 3), (1, 2, 3, 3), RNG, {"s": RNG.standard_normal((2, 1, 1)), "k": [1.5]},
                             opset=opset)
     check_input_gradient(model, RNG.standard_normal((1, 2, 3, 3)).astype(np.float32), [1])
-
-
-# (op, attributes, first opset, low, high, kinks)
-UNARY = [
-    ("Exp", {}, 11, -2, 1.5, []),
-    ("Log", {}, 11, 0.3, 3, []),
-    ("Sqrt", {}, 11, 0.3, 3, []),
-    ("Reciprocal", {}, 11, -2, 2, [-0.3, 0, 0.3]),
-    ("Abs", {}, 11, -2, 2, [0]),
-]
-
-
-@pytest.mark.parametrize("op, attrs, opset, low, high, kinks", [
-    pytest.param(op, attrs, opset, low, high, kinks, id=f"{op}{''.join(f'-{v}' for v in attrs.values())}-{opset}")
-    for op, attrs, first, low, high, kinks in UNARY for opset in opsets_from(first)])
-def test_unary(op, attrs, opset, low, high, kinks):
-    x = _draw(low, high, kinks, ok=(lambda v: np.abs(v).min() > 0.3) if op == "Reciprocal" else None)
-    model = _model([helper.make_node(op, ["x"], ["h"], **attrs)], opset)
-    check_input_gradient(model, x, TARGET)
 
 
 @pytest.mark.parametrize("exponent, opset", [(e, o) for e in ("activation", "broadcast", "two", "int")
