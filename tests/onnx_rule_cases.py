@@ -90,6 +90,13 @@ CASES = [
     unary("Sqrt", low=0.3, high=3),
     unary("Reciprocal", kinks=(-0.3, 0, 0.3), ok=lambda v: np.abs(v).min() > 0.3),
     unary("Abs", kinks=(0,)),
+    # x times a piecewise constant function of x: dx = dy f(x), the product rule's other term is 0
+    Case("Sign", (node("Sign", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2, 2, (0,))),
+    Case("Floor", (node("Floor", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2.5, 2.5, (-2, -1, 0, 1, 2))),
+    Case("Ceil", (node("Ceil", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2.5, 2.5, (-2, -1, 0, 1, 2))),
+    Case("Round", (node("Round", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2.4, 2.4, (-1.5, -0.5, 0.5, 1.5))),
+    # only through Floor: the input's gradient is zeros
+    Case("Floor", (node("Floor", "x"),), draw=uniform(-2.5, 2.5, (-2, -1, 0, 1, 2)), label="alone"),
     # ---- activations
     unary("Relu", kinks=(0,)),
     Case("Clip", (node("Clip", "x", "lo", "hi"),), initializers={"lo": -0.5, "hi": 0.7},

@@ -277,7 +277,8 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
             if dx is not None and ctx.needs(node, i):
                 grads.setdefault(node.input[i], []).append(dx)
 
-    wrt_totals = {name: total(name) for name in wrt}
+    # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
+    wrt_totals = {name: total(name) or ctx.zeros_like(name) for name in wrt}
     result = onnx.ModelProto()
     result.CopyFrom(model)
     g = result.graph

@@ -4,9 +4,16 @@ A rule is `fn(ctx, node, dys) -> list` where `dys[k]` is the name of d objective
 (None where nothing flows back through that output) and the result holds, per node input, the name
 of its gradient or None. A rule computes only the inputs for which `ctx.needs(node, i)` is true:
 parameters are never differentiated.
+
+Most rules are of one of three kinds, as in JAX's ad.py, and are registered through them:
+elementwise (defjvp/defjvp2: dx = dy * f'(x), f' written from the input or the output), linear
+(deflinear: dx = A^T dy for y = A x) and zero (defjvp_zero: no gradient almost everywhere). The
+others are written out with `rule`.
 """
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Callable, Dict
 
 import numpy as np
@@ -33,6 +40,51 @@ def rule(*op_types):
             RULES[op] = fn
         return fn
     return register
+
+
+def elementwise(*op_types, of, divide=False):
+    """Registers the rule of an op applied elementwise to its first input x, from the decorated
+    `derivative(ctx, node, v) -> name or None`: f' written from v, x itself (of="x") or the
+    node's output y (of="y", which spares recomputing what the forward pass has), and the rule is
+    dx = dy * f' (None: f' = 1, dx = dy). With divide, derivative writes 1 / f' and dx = dy / it
+    (Log: dy / x in one Div). The other inputs (Clip's bounds) get no gradient."""
+    def register(derivative):
+        @functools.wraps(derivative)
+        def differentiate(ctx, node, dys):
+            d = derivative(ctx, node, node.output[0] if of == "y" else node.input[0])
+            dx = dys[0] if d is None else ctx.emit("Div" if divide else "Mul", [dys[0], d])
+            return [dx] + [None] * (len(node.input) - 1)
+        rule(*op_types)(differentiate)
+        return derivative
+    return register
+
+
+def linear(*op_types):
+    """Registers the rule of an op linear in its first input, y = A x, the other inputs being
+    parameters (shapes, indices, pads, weights), from the decorated `transpose(ctx, node, dy)`,
+    which writes dx = A^T dy. A parameter that depends on the differentiated tensors is refused
+    (A would then be a function of them too), and nothing is written where x needs no gradient."""
+    def register(transpose):
+        @functools.wraps(transpose)
+        def differentiate(ctx, node, dys):
+            ctx.only_data_input(node)
+            dx = transpose(ctx, node, dys[0]) if ctx.needs(node, 0) else None
+            return [dx] + [None] * (len(node.input) - 1)
+        rule(*op_types)(differentiate)
+        return transpose
+    return register
+
+
+def zero(*op_types):
+    """Registers ops whose gradient is zero almost everywhere (piecewise constant: Sign, Floor, ...):
+    nothing flows back through them, and a differentiated tensor that only reaches the output
+    through them gets zeros (the builder writes them)."""
+    def differentiate(ctx, node, dys):
+        return [None] * len(node.input)
+    # The rule belongs to the module that registers it (collections.namedtuple names its classes
+    # the same way), as the other kinds' rules do through functools.wraps.
+    differentiate.__module__ = sys._getframe(1).f_globals["__name__"]
+    rule(*op_types)(differentiate)
 
 
 def node_label(node):
@@ -126,6 +178,10 @@ class GradContext:
         if self.opset >= 13:
             return self.emit("Squeeze", [x, self.int64s(axes)])
         return self.emit("Squeeze", [x], axes=list(axes))
+
+    def positive(self, x):
+        """[x > 0] as 0/1 in the model's float type: ReLU's mask."""
+        return self.mask(self.emit("Greater", [x, self.const(0.0)]))
 
     def mask(self, condition):
         """A boolean tensor as 0/1 in the model's float type, applied with Mul (onnxruntime runs that
@@ -239,13 +295,14 @@ class GradContext:
             begin, end = [int(p) for p in pads[:spatial]], [int(p) for p in pads[spatial:]]
         return strides, dilations, begin, end
 
-    def only_data_input(self, node, what="its first input"):
+    def only_data_input(self, node):
         """Refuses a node whose other inputs (weights, statistics) depend on the differentiated
         tensors: its rule differentiates only the data input."""
         for i in range(1, len(node.input)):
             if self.needs(node, i):
-                raise MultisalError(f"{node.op_type} node {node_label(node)!r}: input {i} ({node.input[i]!r}) depends "
-                                    f"on the differentiated tensors; only the gradient through {what} is supported")
+                raise MultisalError(f"{node.op_type} node {node_label(node)!r}: input {i} ({node.input[i]!r}) "
+                                    "depends on the differentiated tensors; only the gradient through its first "
+                                    "input is supported")
 
     def add_all(self, names):
         names = [n for n in names if n is not None]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
+from multisal.errors import MultisalError
 from onnx_fd import check_against_numpy, check_input_gradient, classifier_head, draw_distinct, make_model, run_gradient
 
 RNG = np.random.default_rng(0)
@@ -49,6 +50,16 @@ def test_strided_depthwise_conv(stride, pads, kernel, multiplier, size):
                         "bc": RNG.standard_normal(cout)}, opset=18)
     assert "Col2Im" in {n.op_type for n in run_gradient(model, _x(2, cin, size, size), [0, 2])[1].graph.node}
     check_input_gradient(model, _x(2, cin, size, size), [0, 2])
+
+
+def test_weights_computed_from_the_input_are_refused_naming_the_node():
+    """Conv is linear in x for fixed weights; weights that depend on x would need their own gradient."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"]), helper.make_node("Mul", ["w0", "m"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["h"], name="conv_with_computed_weights", pads=[1, 1, 1, 1])]
+    head, inits = _head((2, 3, 4, 4))
+    model = make_model(nodes + head, (2, 2, 4, 4), (2, 3), {**inits, "w0": RNG.standard_normal((3, 2, 3, 3))})
+    with pytest.raises(MultisalError, match="conv_with_computed_weights.*input 1"):
+        run_gradient(model, _x(2, 2, 4, 4), [0, 2])
 
 
 # ---- ConvTranspose ------------------------------------------------------------------------------

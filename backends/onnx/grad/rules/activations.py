@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import math
 
-from ..context import normalize_axis, rule
+from ..context import elementwise, normalize_axis, rule
 
 
 # ---- the ReLU family -------------------------------------------------------------------------------
 
-@rule("Relu")
-def relu(ctx, node, dys):
-    positive = ctx.mask(ctx.emit("Greater", [node.output[0], ctx.const(0.0)]))
-    return [ctx.emit("Mul", [dys[0], positive])]
+elementwise("Relu", of="y")(lambda ctx, node, y: ctx.positive(y))
 
 
-@rule("Clip")
-def clip(ctx, node, dys):
+@elementwise("Clip", of="y")
+def clip(ctx, node, y):
     """Gradient passes strictly inside (min, max); min/max come as attributes (opset < 11) or inputs.
 
     The test reads the output y, not the input: min < x < max exactly when min < y < max (outside,
     y sits on a bound), and leaving x unread lets onnxruntime fuse the Conv before a ReLU6."""
-    y = node.output[0]
     if ctx.opset < 11:
         lo, hi = ctx.attr(node, "min"), ctx.attr(node, "max")
         lo = None if lo is None else ctx.const(lo)
@@ -39,18 +35,14 @@ def clip(ctx, node, dys):
         if bound is not None:
             cond = ctx.emit(op, [y, bound])
             inside = cond if inside is None else ctx.emit("And", [inside, cond])
-    if inside is None:
-        return [dys[0]]
-    return [ctx.emit("Mul", [dys[0], ctx.mask(inside)])]
+    return None if inside is None else ctx.mask(inside)
 
 
-@rule("LeakyRelu")
-def leaky_relu(ctx, node, dys):
-    """y = x (x > 0), alpha x otherwise: dx = dy * (alpha + (1 - alpha) [x > 0])."""
+@elementwise("LeakyRelu", of="x")
+def leaky_relu(ctx, node, x):
+    """y = x (x > 0), alpha x otherwise: f' = alpha + (1 - alpha) [x > 0]."""
     alpha = float(ctx.attr(node, "alpha", 0.01))
-    positive = ctx.mask(ctx.emit("Greater", [node.input[0], ctx.const(0.0)]))
-    slope = ctx.emit("Add", [ctx.emit("Mul", [positive, ctx.const(1.0 - alpha)]), ctx.const(alpha)])
-    return [ctx.emit("Mul", [dys[0], slope])]
+    return ctx.emit("Add", [ctx.emit("Mul", [ctx.positive(x), ctx.const(1.0 - alpha)]), ctx.const(alpha)])
 
 
 @rule("PRelu")
@@ -58,7 +50,7 @@ def prelu(ctx, node, dys):
     """y = x (x > 0), slope x otherwise, slope broadcasting to x:
     dx = dy * (slope + [x > 0] (1 - slope)); dslope = unbroadcast(dy * x * [x <= 0])."""
     x, slope = node.input[0], node.input[1]
-    positive = ctx.mask(ctx.emit("Greater", [x, ctx.const(0.0)]))
+    positive = ctx.positive(x)
     grads = [None, None]
     if ctx.needs(node, 0):
         value = ctx.const_value(slope)
@@ -72,74 +64,54 @@ def prelu(ctx, node, dys):
     return grads
 
 
-@rule("Elu")
-def elu(ctx, node, dys):
-    """y = x (x > 0), alpha (e^x - 1) otherwise: dx = dy (x > 0), dy (y + alpha) otherwise."""
+@elementwise("Elu", of="y")
+def elu(ctx, node, y):
+    """y = x (x > 0), alpha (e^x - 1) otherwise: f' = 1 (x > 0), y + alpha otherwise."""
     alpha = float(ctx.attr(node, "alpha", 1.0))
-    positive = ctx.mask(ctx.emit("Greater", [node.input[0], ctx.const(0.0)]))
-    below = ctx.emit("Add", [node.output[0], ctx.const(alpha)])                  # y + alpha = alpha e^x
-    factor = ctx.emit("Add", [below, ctx.emit("Mul", [positive, ctx.emit("Sub", [ctx.const(1.0), below])])])
-    return [ctx.emit("Mul", [dys[0], factor])]
+    positive = ctx.positive(node.input[0])
+    below = ctx.emit("Add", [y, ctx.const(alpha)])                               # y + alpha = alpha e^x
+    return ctx.emit("Add", [below, ctx.emit("Mul", [positive, ctx.emit("Sub", [ctx.const(1.0), below])])])
 
 
 # ---- sigmoids and smooth activations -----------------------------------------------------------------
 
-@rule("Sigmoid")
-def sigmoid(ctx, node, dys):
-    """dx = dy y (1 - y)."""
-    y = node.output[0]
-    return [ctx.emit("Mul", [ctx.emit("Mul", [dys[0], y]), ctx.emit("Sub", [ctx.const(1.0), y])])]
+# f' = y (1 - y), 1 - y^2, and sigmoid(x) for softplus(x) = log(1 + e^x).
+elementwise("Sigmoid", of="y")(lambda ctx, node, y: ctx.emit("Mul", [y, ctx.emit("Sub", [ctx.const(1.0), y])]))
+elementwise("Tanh", of="y")(lambda ctx, node, y: ctx.emit("Sub", [ctx.const(1.0), ctx.emit("Mul", [y, y])]))
+elementwise("Softplus", of="x")(lambda ctx, node, x: ctx.emit("Sigmoid", [x]))
 
 
-@rule("HardSigmoid")
-def hard_sigmoid(ctx, node, dys):
-    """y = clip(alpha x + beta, 0, 1): dx = dy alpha where 0 < y < 1 (0 < alpha x + beta < 1)."""
+@elementwise("HardSigmoid", of="y")
+def hard_sigmoid(ctx, node, y):
+    """y = clip(alpha x + beta, 0, 1): f' = alpha where 0 < y < 1 (0 < alpha x + beta < 1)."""
     alpha = float(ctx.attr(node, "alpha", 0.2))
-    y = node.output[0]
     inside = ctx.emit("And", [ctx.emit("Greater", [y, ctx.const(0.0)]), ctx.emit("Less", [y, ctx.const(1.0)])])
-    return [ctx.emit("Mul", [dys[0], ctx.emit("Mul", [ctx.mask(inside), ctx.const(alpha)])])]
+    return ctx.emit("Mul", [ctx.mask(inside), ctx.const(alpha)])
 
 
-@rule("HardSwish")
-def hard_swish(ctx, node, dys):
-    """y = x clip(x/6 + 1/2, 0, 1): dx = dy (x/3 + 1/2) for -3 < x < 3, dy for x >= 3, 0 below."""
-    x = node.input[0]
+@elementwise("HardSwish", of="x")
+def hard_swish(ctx, node, x):
+    """y = x clip(x/6 + 1/2, 0, 1): f' = x/3 + 1/2 for -3 < x < 3, 1 for x >= 3, 0 below."""
     below_top = ctx.emit("Less", [x, ctx.const(3.0)])
     inside = ctx.mask(ctx.emit("And", [ctx.emit("Greater", [x, ctx.const(-3.0)]), below_top]))
     above = ctx.mask(ctx.emit("Not", [below_top]))
     ramp = ctx.emit("Add", [ctx.emit("Mul", [x, ctx.const(1.0 / 3.0)]), ctx.const(0.5)])
-    factor = ctx.emit("Add", [ctx.emit("Mul", [inside, ramp]), above])
-    return [ctx.emit("Mul", [dys[0], factor])]
+    return ctx.emit("Add", [ctx.emit("Mul", [inside, ramp]), above])
 
 
-@rule("Tanh")
-def tanh(ctx, node, dys):
-    """dx = dy (1 - y^2)."""
-    y = node.output[0]
-    return [ctx.emit("Mul", [dys[0], ctx.emit("Sub", [ctx.const(1.0), ctx.emit("Mul", [y, y])])])]
-
-
-@rule("Softplus")
-def softplus(ctx, node, dys):
-    """y = log(1 + e^x): dx = dy sigmoid(x)."""
-    return [ctx.emit("Mul", [dys[0], ctx.emit("Sigmoid", [node.input[0]])])]
-
-
-@rule("Erf")
-def erf(ctx, node, dys):
-    """dx = dy 2/sqrt(pi) e^(-x^2)."""
-    x = node.input[0]
+@elementwise("Erf", of="x")
+def erf(ctx, node, x):
+    """f' = 2/sqrt(pi) e^(-x^2)."""
     gauss = ctx.emit("Exp", [ctx.emit("Neg", [ctx.emit("Mul", [x, x])])])
-    return [ctx.emit("Mul", [dys[0], ctx.emit("Mul", [gauss, ctx.const(2.0 / math.sqrt(math.pi))])])]
+    return ctx.emit("Mul", [gauss, ctx.const(2.0 / math.sqrt(math.pi))])
 
 
-@rule("Gelu")
-def gelu(ctx, node, dys):
-    """approximate="none": y = x Phi(x), dx = dy (Phi(x) + x phi(x)), Phi(x) = (1 + erf(x/sqrt 2))/2,
+@elementwise("Gelu", of="x")
+def gelu(ctx, node, x):
+    """approximate="none": y = x Phi(x), f' = Phi(x) + x phi(x), Phi(x) = (1 + erf(x/sqrt 2))/2,
     phi(x) = e^(-x^2/2)/sqrt(2 pi).
     approximate="tanh": y = x (1 + t)/2, t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3),
-    dx = dy ((1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 0.044715 x^2))."""
-    x = node.input[0]
+    f' = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 0.044715 x^2)."""
     approximate = ctx.attr(node, "approximate", b"none")
     approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
     x2 = ctx.emit("Mul", [x, x])
@@ -156,7 +128,7 @@ def gelu(ctx, node, dys):
         half_cdf = ctx.emit("Mul", [ctx.emit("Add", [erf_term, ctx.const(1.0)]), ctx.const(0.5)])
         pdf = ctx.emit("Exp", [ctx.emit("Mul", [x2, ctx.const(-0.5)])])
         rest = ctx.emit("Mul", [ctx.emit("Mul", [x, pdf]), ctx.const(1.0 / math.sqrt(2.0 * math.pi))])
-    return [ctx.emit("Mul", [dys[0], ctx.emit("Add", [half_cdf, rest])])]
+    return ctx.emit("Add", [half_cdf, rest])
 
 
 # ---- softmax ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Gradient rules of arithmetic: casts and copies, the broadcasting and variadic ops, Where, and
-the elementwise functions of one tensor (exp, log, powers, ...).
+"""Gradient rules of arithmetic: casts and copies, the broadcasting and variadic ops, Where, the
+elementwise functions of one tensor (exp, log, powers, ...) and the piecewise constant ones (sign,
+rounding), whose gradient is zero almost everywhere.
 
 Masks are float 0/1 applied with Mul, not Where, which onnxruntime runs slower; a node's forward
 output is reused where it saves work (Exp, Sqrt, Reciprocal, Div).
@@ -8,19 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..context import rule
+from ..context import elementwise, linear, rule, zero
 
 
-@rule("Identity", "Dropout")
-def identity(ctx, node, dys):
-    # Dropout is the identity at inference; its mask output carries no gradient.
-    return [dys[0]]
-
-
-@rule("Cast")
-def cast(ctx, node, dys):
-    # Only float -> float casts carry a gradient (integer outputs are never active); cast it back.
-    return [ctx.emit("Cast", [dys[0]], to=ctx.dtypes[node.input[0]])]
+# Dropout is the identity at inference; its mask output carries no gradient.
+linear("Identity", "Dropout")(lambda ctx, node, dy: dy)
+# Only float -> float casts carry a gradient (integer outputs are never active); cast it back.
+linear("Cast")(lambda ctx, node, dy: ctx.emit("Cast", [dy], to=ctx.dtypes[node.input[0]]))
+linear("Neg")(lambda ctx, node, dy: ctx.emit("Neg", [dy]))
+zero("Sign", "Floor", "Ceil", "Round")
 
 
 @rule("Add", "Sum")
@@ -55,11 +52,6 @@ def div(ctx, node, dys):
         db = ctx.unbroadcast(ctx.emit("Neg", [ctx.emit("Mul", [dys[0], ctx.emit("Div", [node.output[0], b])])]),
                              node.output[0], b)
     return [da, db]
-
-
-@rule("Neg")
-def neg(ctx, node, dys):
-    return [ctx.emit("Neg", [dys[0]])]
 
 
 @rule("Mean")
@@ -130,32 +122,9 @@ def pow_(ctx, node, dys):
     return grads
 
 
-@rule("Abs")
-def abs_(ctx, node, dys):
-    """dx = dy sign(x) (0 at x = 0)."""
-    return [ctx.emit("Mul", [dys[0], ctx.emit("Sign", [node.input[0]])])]
-
-
-@rule("Exp")
-def exp(ctx, node, dys):
-    """dx = dy y."""
-    return [ctx.emit("Mul", [dys[0], node.output[0]])]
-
-
-@rule("Log")
-def log(ctx, node, dys):
-    """dx = dy / x."""
-    return [ctx.emit("Div", [dys[0], node.input[0]])]
-
-
-@rule("Sqrt")
-def sqrt(ctx, node, dys):
-    """dx = dy / (2 y)."""
-    return [ctx.emit("Div", [ctx.emit("Mul", [dys[0], ctx.const(0.5)]), node.output[0]])]
-
-
-@rule("Reciprocal")
-def reciprocal(ctx, node, dys):
-    """y = 1/x: dx = -dy y^2."""
-    y = node.output[0]
-    return [ctx.emit("Neg", [ctx.emit("Mul", [dys[0], ctx.emit("Mul", [y, y])])])]
+# The elementwise functions of one tensor: dx = dy * f', f' from x or from the output y.
+elementwise("Abs", of="x")(lambda ctx, node, x: ctx.emit("Sign", [x]))                   # f' = sign(x), 0 at 0
+elementwise("Exp", of="y")(lambda ctx, node, y: y)                                       # f' = e^x = y
+elementwise("Log", of="x", divide=True)(lambda ctx, node, x: x)                          # dx = dy / x
+elementwise("Sqrt", of="y")(lambda ctx, node, y: ctx.emit("Div", [ctx.const(0.5), y]))   # f' = 1 / (2 y)
+elementwise("Reciprocal", of="y")(lambda ctx, node, y: ctx.emit("Neg", [ctx.emit("Mul", [y, y])]))  # f' = -y^2

@@ -10,7 +10,7 @@ import numpy as np
 
 from multisal.errors import MultisalError
 
-from ..context import node_label, normalize_axis, rule
+from ..context import linear, node_label, normalize_axis
 
 
 # ---- Slice ----------------------------------------------------------------------------------------
@@ -61,28 +61,27 @@ def _slice_params(ctx, node):
         [int(v) for v in np.ravel(axes)], [int(v) for v in np.ravel(steps)]
 
 
-@rule("Slice")
-def slice_(ctx, node, dys):
+@linear("Slice")
+def slice_(ctx, node, dy):
     # y = x[start:end:step] per axis: dx is zero but for the sliced positions, which get dy back
     # (in reverse for a negative step, spread `step` apart for a step > 1).
     x = node.input[0]
-    rest = [None] * (len(node.input) - 1)
     in_shape, rank = list(ctx.shape(x)), ctx.rank(x)
     params = _slice_params(ctx, node)
     if params is None:
-        return [_slice_dynamic(ctx, node, dys[0])] + rest
+        return _slice_dynamic(ctx, node, dy)
     starts, ends, axes, steps = params
-    g, shape, pads = dys[0], list(ctx.shape(node.output[0])), {}
+    g, shape, pads = dy, list(ctx.shape(node.output[0])), {}
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = normalize_axis(axis, rank)
         dim = in_shape[axis]
         positions = list(range(*slice(start, end, step).indices(dim)))  # ONNX clamps like Python
         if not positions:
-            return [ctx.zeros_like(x)] + rest
+            return ctx.zeros_like(x)
         if positions == list(range(dim)):
             continue
         g, shape[axis], pads[axis] = _place_run(ctx, g, rank, shape, axis, positions, dim)
-    return [ctx.pad(g, rank, pads)] + rest
+    return ctx.pad(g, rank, pads)
 
 
 def _slice_dynamic(ctx, node, dy):
@@ -113,13 +112,10 @@ def _slice_dynamic(ctx, node, dy):
 
 
 # ---- Gather / GatherElements ----------------------------------------------------------------------
-@rule("Gather")
-def gather(ctx, node, dys):
+@linear("Gather")
+def gather(ctx, node, dy):
     # y = x.take(indices, axis): dx = dy contracted with the one-hot matrix of the indices along the
     # axis, so repeated indices add. A scalar index (ViT's class token) is dy padded into place.
-    rest = [None]
-    if not ctx.needs(node, 0):
-        return [None] + rest
     x, indices = node.input
     shape, rank = ctx.shape(x), ctx.rank(x)
     axis = normalize_axis(ctx.attr(node, "axis", 0), rank)
@@ -127,7 +123,7 @@ def gather(ctx, node, dys):
     dtype = ctx.np_dtype(x)
     idx = ctx.const_value(indices)
     k = int(np.prod(ctx.shape(indices)))
-    g = dys[0]
+    g = dy
     if ctx.rank(indices) != 1:   # indices' axes -> one axis of length k
         g = ctx.unsqueeze(g, [axis]) if ctx.rank(indices) == 0 else ctx.reshape(g, [0] * axis + [k] + post)
     if idx is not None:
@@ -136,40 +132,36 @@ def gather(ctx, node, dys):
         if len(idx) and (idx.min() < 0 or idx.max() >= dim):
             raise MultisalError(f"Gather node {node_label(node)!r}: index out of range for axis of length {dim}")
         if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
-            return [ctx.pad(g, rank, {axis: (int(idx[0]), dim - int(idx[0]) - len(idx))})] + rest
+            return ctx.pad(g, rank, {axis: (int(idx[0]), dim - int(idx[0]) - len(idx))})
         onehot = np.zeros((len(idx), dim), dtype=dtype)
         np.add.at(onehot, (np.arange(len(idx)), idx), 1)
     else:
         flat = ctx.reshape(indices, [-1])
         onehot = ctx.emit("OneHot", [flat, ctx.int64s([dim]), ctx.const([0, 1], dtype=dtype)], axis=-1)
-    return [ctx.contract_axis(g, axis, rank, onehot, dtype)] + rest
+    return ctx.contract_axis(g, axis, rank, onehot, dtype)
 
 
-@rule("GatherElements")
-def gather_elements(ctx, node, dys):
+@linear("GatherElements")
+def gather_elements(ctx, node, dy):
     # y[.., i, ..] = x[.., indices[.., i, ..], ..]: dx is dy scattered back, adding over repeats
     # (ScatterElements with reduction "add" from opset 16; before it, a one-hot sum over the axis).
-    rest = [None]
-    if not ctx.needs(node, 0):
-        return [None] + rest
     x, indices = node.input
     shape, rank = ctx.shape(x), ctx.rank(x)
     axis = normalize_axis(ctx.attr(node, "axis", 0), rank)
     if ctx.opset >= 16:
-        return [ctx.emit("ScatterElements", [ctx.zeros_like(x), indices, dys[0]], axis=axis,
-                         reduction="add")] + rest
+        return ctx.emit("ScatterElements", [ctx.zeros_like(x), indices, dy], axis=axis, reduction="add")
     idx = ctx.const_value(indices)
     if idx is not None:
         normalized = np.where(idx < 0, idx + shape[axis], idx)
         if all(len(np.unique(v)) == len(v) for v in np.moveaxis(normalized, axis, -1).reshape(-1, idx.shape[axis])):
             # No index repeats along the axis: a plain scatter is exact.
-            return [ctx.emit("ScatterElements", [ctx.zeros_like(x), indices, dys[0]], axis=axis)] + rest
+            return ctx.emit("ScatterElements", [ctx.zeros_like(x), indices, dy], axis=axis)
     dtype = ctx.np_dtype(x)
     onehot = ctx.emit("OneHot", [indices, ctx.int64s([shape[axis]]), ctx.const([0, 1], dtype=dtype)], axis=-1)
-    spread = ctx.emit("Mul", [onehot, ctx.unsqueeze(dys[0], [rank])])             # (..idx.., dim)
+    spread = ctx.emit("Mul", [onehot, ctx.unsqueeze(dy, [rank])])                 # (..idx.., dim)
     summed = ctx.reduce("ReduceSum", spread, [axis], keepdims=True)               # axis -> 1
     perm = list(range(rank + 1))
     perm[axis], perm[rank] = rank, axis
     g = ctx.squeeze(ctx.emit("Transpose", [summed], perm=perm), [rank])
     out = ctx.shape(node.output[0])
-    return [ctx.pad(g, rank, {a: (0, shape[a] - out[a]) for a in range(rank) if a != axis})] + rest
+    return ctx.pad(g, rank, {a: (0, shape[a] - out[a]) for a in range(rank) if a != axis})

@@ -8,13 +8,11 @@ import numpy as np
 
 from multisal.errors import MultisalError
 
-from ..context import node_label, rule
+from ..context import linear, node_label, rule
 
 
-@rule("Conv")
-def conv(ctx, node, dys):
-    if not ctx.needs(node, 0):
-        return [None] * len(node.input)
+@linear("Conv")
+def conv(ctx, node, dy):
     x, w = node.input[0], node.input[1]
     spatial = ctx.rank(x) - 2
     in_shape, out_shape, kernel = ctx.shape(x), ctx.shape(node.output[0]), ctx.shape(w)[2:]
@@ -32,14 +30,14 @@ def conv(ctx, node, dys):
         wt = np.flip(wt, axis=tuple(range(2, 2 + spatial)))
         new_pads = [k - 1 - p for k, p in zip(kernel, begin)] + [k - 1 - p for k, p in zip(kernel, end)]
         if all(p >= 0 for p in new_pads):
-            dx = ctx.emit("Conv", [dys[0], ctx.const(np.ascontiguousarray(wt), dtype=wv.dtype)],
+            dx = ctx.emit("Conv", [dy, ctx.const(np.ascontiguousarray(wt), dtype=wv.dtype)],
                           group=group, pads=new_pads, kernel_shape=list(kernel))
-            return [dx] + [None] * (len(node.input) - 1)
+            return dx
     if wv is not None and spatial == 2 and wv.shape[1] == 1 and ctx.opset >= 18 \
             and all(d == 1 for d in dilations):
-        dx = _depthwise_strided(ctx, dys[0], wv, strides, begin, kernel, in_shape, out_shape)
+        dx = _depthwise_strided(ctx, dy, wv, strides, begin, kernel, in_shape, out_shape)
         if dx is not None:
-            return [dx] + [None] * (len(node.input) - 1)
+            return dx
     # General case: the transposed convolution, with output_padding making up what a stride dropped.
     out_pad = []
     for d in range(spatial):
@@ -48,9 +46,9 @@ def conv(ctx, node, dys):
         if extra < 0 or extra >= max(strides[d], dilations[d]):
             raise MultisalError(f"Conv node {node_label(node)!r}: cannot invert its geometry (input {in_shape}, output {out_shape})")
         out_pad.append(extra)
-    dx = ctx.emit("ConvTranspose", [dys[0], w], group=group, strides=strides, dilations=dilations,
+    dx = ctx.emit("ConvTranspose", [dy, w], group=group, strides=strides, dilations=dilations,
                   pads=pads, output_padding=out_pad, kernel_shape=list(kernel))
-    return [dx] + [None] * (len(node.input) - 1)
+    return dx
 
 
 def _phase_taps(kernel, stride, begin, in_len, out_len):
@@ -214,14 +212,13 @@ def einsum(ctx, node, dys):
     return grads
 
 
-@rule("ConvTranspose")
-def conv_transpose(ctx, node, dys):
+@linear("ConvTranspose")
+def conv_transpose(ctx, node, dy):
     """Y[o, s*i + d*u - pad] += X[c, i] * W[c, o, u] (per group), so dX = Conv(dY, W) with the same
     strides, dilations and group and the begin pads; the end pads are whatever brings the Conv's
     output back to X's size (output_padding and output_shape only add rows no input reaches).
     With output_shape or SAME_*, the total pad is split as onnxruntime does: the odd one at the
     beginning except for SAME_UPPER."""
-    ctx.only_data_input(node, "the data input (X)")
     x, w, y = node.input[0], node.input[1], node.output[0]
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)
     spatial = len(in_shape) - 2
@@ -253,6 +250,6 @@ def conv_transpose(ctx, node, dys):
             raise MultisalError(f"ConvTranspose node {node_label(node)!r}: cannot invert its geometry "
                                 f"(input {in_shape}, output {out_shape})")
         end.append(e)
-    dx = ctx.emit("Conv", [dys[0], w], kernel_shape=kernel, strides=strides, dilations=dilations, group=group,
+    dx = ctx.emit("Conv", [dy, w], kernel_shape=kernel, strides=strides, dilations=dilations, group=group,
                   pads=begin + end)
-    return [dx] + [None] * (len(node.input) - 1)
+    return dx

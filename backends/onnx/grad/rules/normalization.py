@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..context import rule
+from ..context import linear, rule
 
 
 def _per_channel(ctx, values, rank):
@@ -15,8 +15,8 @@ def _per_channel(ctx, values, rank):
     return ctx.const(values.reshape(-1, *([1] * (rank - 2))), dtype=values.dtype)
 
 
-@rule("BatchNormalization")
-def batch_norm(ctx, node, dys):
+@linear("BatchNormalization")
+def batch_norm(ctx, node, dy):
     """Inference form: y = (x - mean) / sqrt(var + eps) * scale + bias, a per-channel scale."""
     x, scale, _bias, _mean, var = node.input[:5]
     eps = float(ctx.attr(node, "epsilon", 1e-5))
@@ -27,7 +27,7 @@ def batch_norm(ctx, node, dys):
     else:
         factor = _per_channel(ctx, ctx.emit("Div", [scale, ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.const(eps)])])]),
                               rank)
-    return [ctx.emit("Mul", [dys[0], factor])] + [None] * (len(node.input) - 1)
+    return ctx.emit("Mul", [dy, factor])
 
 
 def _standardize(ctx, x, axes, eps):

@@ -16,7 +16,7 @@ import numpy as np
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
-from ..context import node_label, rule
+from ..context import linear, node_label, rule
 
 onnx = lazy_import("onnx")
 
@@ -85,7 +85,6 @@ def max_pool(ctx, node, dys):
     the window offset of each argmax (from MaxPool's Indices), stacked[k, a] = dY[a] * (t_a == k)
     is put in place by _place_windows: a scatter-add without ScatterElements' reduction, which
     came only at opset 16."""
-    ctx.only_data_input(node)
     x = node.input[0]
     kernel, strides, dilations, begin, _end, in_sp, out_sp = _pool_geometry(ctx, node)
     delta, codes, offsets = _window_offsets(ctx, node, kernel, strides, dilations, begin, in_sp, out_sp)
@@ -113,11 +112,10 @@ def _average_pool_weights(kernel, strides, dilations, begin, end, in_sp, out_sp,
     return 1.0 / np.maximum(count, 1)
 
 
-@rule("AveragePool")
-def average_pool(ctx, node, dys):
+@linear("AveragePool")
+def average_pool(ctx, node, dy):
     """Y[a] = sum of the window of a / count[a], so dX[p] = sum over the windows a holding p of
     dY[a] / count[a]: dY / count put back by _place_windows with a kernel of ones."""
-    ctx.only_data_input(node)
     x = node.input[0]
     kernel, strides, dilations, begin, end, in_sp, out_sp = _pool_geometry(ctx, node)
     inverse = _average_pool_weights(kernel, strides, dilations, begin, end, in_sp, out_sp,
@@ -126,10 +124,10 @@ def average_pool(ctx, node, dys):
         scale = ctx.const(float(inverse.flat[0]))
     else:
         scale = ctx.const(inverse.reshape(1, 1, *out_sp))
-    dy1 = ctx.emit("Reshape", [ctx.emit("Mul", [dys[0], scale]), ctx.int64s([-1, 1, *out_sp])])
+    dy1 = ctx.emit("Reshape", [ctx.emit("Mul", [dy, scale]), ctx.int64s([-1, 1, *out_sp])])
     ones = np.ones((1, 1, *kernel), np.float32)
     dx = _place_windows(ctx, node, dy1, ones, kernel, strides, dilations, begin, in_sp, out_sp)
-    return [ctx.reshape_like(dx, x)]
+    return ctx.reshape_like(dx, x)
 
 
 @rule("GlobalMaxPool")
@@ -145,9 +143,8 @@ def global_max_pool(ctx, node, dys):
     return [ctx.reshape_like(ctx.emit("Mul", [first, dy]), x)]
 
 
-@rule("GlobalAveragePool")
-def global_average_pool(ctx, node, dys):
+@linear("GlobalAveragePool")
+def global_average_pool(ctx, node, dy):
     x = node.input[0]
-    size = int(np.prod(ctx.shape(x)[2:]))
-    scaled = ctx.emit("Mul", [dys[0], ctx.const(1.0 / size)])
-    return [ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])]
+    scaled = ctx.emit("Mul", [dy, ctx.const(1.0 / int(np.prod(ctx.shape(x)[2:])))])
+    return ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])

@@ -5,7 +5,7 @@ import numpy as np
 
 from multisal.errors import MultisalError
 
-from ..context import node_label, rule
+from ..context import linear, node_label, rule
 
 
 def _reduce_axes(ctx, node):
@@ -37,25 +37,24 @@ def _keep_dims(ctx, node, name, axes):
     return ctx.unsqueeze(name, axes)
 
 
-@rule("ReduceSum")
-def reduce_sum(ctx, node, dys):
+@linear("ReduceSum")
+def reduce_sum(ctx, node, dy):
     """dX = dY broadcast back over the reduced axes."""
     axes = _reduce_axes(ctx, node)
     if axes is None:
-        return [dys[0], None]
-    dy = _keep_dims(ctx, node, dys[0], axes)
-    return [ctx.emit("Expand", [dy, ctx.emit("Shape", [node.input[0]])]), None]
+        return dy
+    return ctx.emit("Expand", [_keep_dims(ctx, node, dy, axes), ctx.emit("Shape", [node.input[0]])])
 
 
-@rule("ReduceMean")
-def reduce_mean(ctx, node, dys):
+@linear("ReduceMean")
+def reduce_mean(ctx, node, dy):
     """dX = dY / M broadcast back over the reduced axes (M = the number of elements reduced)."""
     axes = _reduce_axes(ctx, node)
     if axes is None:
-        return [dys[0], None]
+        return dy
     x = node.input[0]
-    dy = ctx.emit("Mul", [_keep_dims(ctx, node, dys[0], axes), ctx.inverse_count(x, node.output[0], axes)])
-    return [ctx.emit("Expand", [dy, ctx.emit("Shape", [x])]), None]
+    scaled = ctx.emit("Mul", [_keep_dims(ctx, node, dy, axes), ctx.inverse_count(x, node.output[0], axes)])
+    return ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])
 
 
 @rule("ReduceMax")

@@ -10,7 +10,7 @@ import numpy as np
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
-from ..context import node_label, normalize_axis, rule
+from ..context import linear, node_label, normalize_axis
 
 onnx = lazy_import("onnx")
 ort = lazy_import("onnxruntime")
@@ -177,15 +177,12 @@ def _interpolation_matrix(ctx, node, axis, settings):
     return matrix
 
 
-@rule("Resize", "Upsample")
-def resize(ctx, node, dys):
+@linear("Resize", "Upsample")
+def resize(ctx, node, dy):
     # Separable and linear in x: y = x ×_h A_h ×_w A_w (×_k = along axis k), with A_k the op's
     # interpolation matrix along axis k, read off at build time; dx = dy ×_h A_h^T ×_w A_w^T as
     # MatMuls. Nearest upsampling by whole factors sums each block: an AveragePool times its size.
     x = node.input[0]
-    rest = [None] * (len(node.input) - 1)
-    if not ctx.needs(node, 0):
-        return [None] + rest
     rank = ctx.rank(x)
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     settings = _resize_settings(ctx, node)
@@ -201,9 +198,9 @@ def resize(ctx, node, dys):
         if axis == 0:
             raise MultisalError(f"{node.op_type} node {node_label(node)!r}: resizes the batch axis")
         matrices[axis] = matrix
-    g = dys[0]
+    g = dy
     if not matrices:
-        return [g] + rest
+        return g
     dtype = ctx.np_dtype(x)
     factors = {a: m.shape[0] // m.shape[1] for a, m in matrices.items()}
     blocks = all(a >= 2 and m.shape[0] == m.shape[1] * factors[a] and
@@ -211,7 +208,7 @@ def resize(ctx, node, dys):
     if blocks and 3 <= rank <= 5:
         kernel = [factors.get(a, 1) for a in range(2, rank)]
         pooled = ctx.emit("AveragePool", [g], kernel_shape=kernel, strides=kernel)
-        return [ctx.emit("Mul", [pooled, ctx.const(float(np.prod(kernel)), dtype=dtype)])] + rest
+        return ctx.emit("Mul", [pooled, ctx.const(float(np.prod(kernel)), dtype=dtype)])
     for axis, matrix in matrices.items():
         g = ctx.contract_axis(g, axis, rank, matrix, dtype)
-    return [g] + rest
+    return g

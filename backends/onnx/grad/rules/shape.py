@@ -14,37 +14,30 @@ import numpy as np
 
 from multisal.errors import MultisalError
 
-from ..context import INT64_MAX, node_label, normalize_axis, rule
+from ..context import INT64_MAX, linear, node_label, normalize_axis, rule
 
 
-@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
-def reshape_back(ctx, node, dys):
-    return [ctx.reshape_like(dys[0], node.input[0])] + [None] * (len(node.input) - 1)
+linear("Reshape", "Flatten", "Squeeze", "Unsqueeze")(lambda ctx, node, dy: ctx.reshape_like(dy, node.input[0]))
 
 
-@rule("Transpose")
-def transpose(ctx, node, dys):
+@linear("Transpose")
+def transpose(ctx, node, dy):
     perm = ctx.attr(node, "perm")
     if perm is None:
         perm = list(range(ctx.rank(node.input[0])))[::-1]
-    return [ctx.emit("Transpose", [dys[0]], perm=[int(i) for i in np.argsort(perm)])]
+    return ctx.emit("Transpose", [dy], perm=[int(i) for i in np.argsort(perm)])
 
 
 # ---- Expand / Tile --------------------------------------------------------------------------------
-@rule("Expand")
-def expand(ctx, node, dys):
-    # Broadcasting copies: dx sums dy over the broadcast axes.
-    return [ctx.unbroadcast(dys[0], node.output[0], node.input[0]) if ctx.needs(node, 0) else None, None]
+# Broadcasting copies: dx sums dy over the broadcast axes.
+linear("Expand")(lambda ctx, node, dy: ctx.unbroadcast(dy, node.output[0], node.input[0]))
 
 
-@rule("Tile")
-def tile(ctx, node, dys):
+@linear("Tile")
+def tile(ctx, node, dy):
     # y = tile(x, r): y viewed as (r_0, d_0, r_1, d_1, ...) holds a copy of x per tile, so dx is dy
     # in that view summed over the r axes.
     x = node.input[0]
-    rest = [None] * (len(node.input) - 1)
-    if not ctx.needs(node, 0):
-        return [None] + rest
     repeats = ctx.const_value(node.input[1]) if ctx.opset >= 6 else None
     if repeats is None:
         raise MultisalError(f"Tile node {node_label(node)!r}: its repeats are computed at run time; "
@@ -59,8 +52,8 @@ def tile(ctx, node, dys):
         else:
             target.append(0 if axis == 0 else int(d))   # the batch extent copied at run time
     if not summed:
-        return [dys[0]] + rest
-    return [ctx.reduce("ReduceSum", ctx.reshape(dys[0], target), summed, keepdims=False)] + rest
+        return dy
+    return ctx.reduce("ReduceSum", ctx.reshape(dy, target), summed, keepdims=False)
 
 
 # ---- Concat / Split -------------------------------------------------------------------------------
@@ -142,23 +135,20 @@ def pad_params(ctx, node):
     return mode, rank, {a: (pads[i], pads[i + k]) for i, a in enumerate(axes) if pads[i] or pads[i + k]}
 
 
-@rule("Pad")
-def pad(ctx, node, dys):
+@linear("Pad")
+def pad(ctx, node, dy):
     # constant: dx = dy without the border (negative pads crop: their positions get zero).
     # edge/reflect/wrap: y[i] = x[m(i)] per axis; dx[k] = sum of dy[i] over m(i) = k, written as
     # runs of the border (Slice, reversed for reflect, summed for edge) padded into place and added.
-    rest = [None] * (len(node.input) - 1)
-    if not ctx.needs(node, 0):
-        return [None] + rest
     mode, rank, pads = pad_params(ctx, node)
-    g = dys[0]
+    g = dy
     if mode == "constant":
         axes = sorted(pads)
         starts = [max(pads[a][0], 0) for a in axes]
         ends = [-pads[a][1] if pads[a][1] > 0 else INT64_MAX for a in axes]
         if any(pads[a][0] > 0 or pads[a][1] > 0 for a in axes):
             g = ctx.slice(g, axes, starts, ends)
-        return [ctx.pad(g, rank, {a: (max(-pads[a][0], 0), max(-pads[a][1], 0)) for a in axes})] + rest
+        return ctx.pad(g, rank, {a: (max(-pads[a][0], 0), max(-pads[a][1], 0)) for a in axes})
     if mode not in ("edge", "reflect", "wrap"):
         raise MultisalError(f"Pad node {node_label(node)!r}: no gradient for mode {mode!r}")
     in_shape = ctx.shape(node.input[0])
@@ -179,4 +169,4 @@ def pad(ctx, node, dys):
             lo = positions[0]
             parts.append(ctx.pad(part, rank, {axis: (lo, dim - 1 - positions[-1])}))
         g = ctx.add_all(parts)
-    return [g] + rest
+    return g
