@@ -183,7 +183,7 @@ def fold_pads_into_convs(model, ctx, keep=()):
             continue
         users = readers[node.output[0]]
         if not users or any(u.op_type != "Conv" or list(u.input).count(node.output[0]) != 1 or u.input[0] != node.output[0]
-                            or ctx.attr(u, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for u in users):
+                            or ctx.attr(u, "auto_pad", "NOTSET") != "NOTSET" for u in users):
             continue
         try:
             mode, rank, pads = shape_rules.pad_params(ctx, node)

@@ -131,10 +131,21 @@ class GradContext:
 
     @staticmethod
     def attr(node, name, default=None):
+        """A node's attribute, strings as str (ONNX keeps them as bytes); default where it has none."""
         for a in node.attribute:
             if a.name == name:
-                return helper.get_attribute_value(a)
+                value = helper.get_attribute_value(a)
+                if isinstance(value, bytes):
+                    return value.decode()
+                if isinstance(value, list) and value and isinstance(value[0], bytes):
+                    return [v.decode() for v in value]
+                return value
         return default
+
+    def attributes(self, node, without=()):
+        """A node's attributes as attr reads them, {name: value}, but those named in `without`: to
+        write the same op again."""
+        return {a.name: self.attr(node, a.name) for a in node.attribute if a.name not in without}
 
     # ---- what a rule may write ------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -279,8 +290,7 @@ class GradContext:
         spatial = len(in_sp)
         strides = [int(s) for s in self.attr(node, "strides", [1] * spatial)]
         dilations = [int(d) for d in self.attr(node, "dilations", [1] * spatial)]
-        auto_pad = self.attr(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        auto_pad = self.attr(node, "auto_pad", "NOTSET")
         pads = self.attr(node, "pads")
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             begin, end = [], []

@@ -112,10 +112,8 @@ def gelu(ctx, node, x):
     phi(x) = e^(-x^2/2)/sqrt(2 pi).
     approximate="tanh": y = x (1 + t)/2, t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3),
     f' = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 0.044715 x^2)."""
-    approximate = ctx.attr(node, "approximate", b"none")
-    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
     x2 = ctx.emit("Mul", [x, x])
-    if approximate == "tanh":
+    if ctx.attr(node, "approximate", "none") == "tanh":
         c, k = math.sqrt(2.0 / math.pi), 0.044715
         inner = ctx.emit("Add", [ctx.emit("Mul", [x2, ctx.const(k)]), ctx.const(1.0)])                # 1 + k x^2
         t = ctx.emit("Tanh", [ctx.emit("Mul", [ctx.emit("Mul", [x, inner]), ctx.const(c)])])

@@ -160,8 +160,7 @@ def _einsum_terms(ctx, node):
     """The subscripts of each operand and of the output, as lists of letters: spaces dropped,
     "..." spelt out as letters the equation does not use (right-aligned, numpy's broadcasting),
     and the implicit output (no "->") made explicit: the ellipsis, then the letters used once, sorted."""
-    equation = ctx.attr(node, "equation")
-    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    equation = ctx.attr(node, "equation").replace(" ", "")
     lhs, arrow, rhs = equation.partition("->")
     terms = lhs.split(",")
     unused = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
@@ -227,8 +226,7 @@ def conv_transpose(ctx, node, dy):
     dilations = [int(d) for d in ctx.attr(node, "dilations", [1] * spatial)]
     group = int(ctx.attr(node, "group", 1))
     out_pad = list(ctx.attr(node, "output_padding", [0] * spatial))
-    auto_pad = ctx.attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = ctx.attr(node, "auto_pad", "NOTSET")
     pads = ctx.attr(node, "pads")
     begin = []
     for d in range(spatial):

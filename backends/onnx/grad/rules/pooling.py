@@ -14,11 +14,8 @@ import itertools
 import numpy as np
 
 from multisal.errors import MultisalError
-from multisal.frameworks import lazy_import
 
 from ..context import linear, node_label, rule
-
-onnx = lazy_import("onnx")
 
 
 def _pool_geometry(ctx, node):
@@ -55,8 +52,7 @@ def _window_offsets(ctx, node, kernel, strides, dilations, begin, in_sp, out_sp)
     if len(node.output) > 1 and node.output[1] and int(ctx.attr(node, "storage_order", 0)) == 0:
         indices = node.output[1]
     else:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name != "storage_order"}
-        indices = ctx.emit("MaxPool", [node.input[0]], outputs=2, **attrs)[1]
+        indices = ctx.emit("MaxPool", [node.input[0]], outputs=2, **ctx.attributes(node, without=("storage_order",)))[1]
     steps = [int(np.prod(in_sp[d + 1:])) for d in range(len(in_sp))]
     spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     if all(span <= n for span, n in zip(spans[1:], in_sp[1:])):

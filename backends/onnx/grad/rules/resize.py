@@ -18,10 +18,6 @@ helper = lazy_import("onnx.helper")
 numpy_helper = lazy_import("onnx.numpy_helper")
 
 
-def _text(value):
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _resize_settings(ctx, node):
     """How a Resize or Upsample node resizes, over all axes: a dict with
       scales   the scales (scales mode) or None
@@ -59,7 +55,7 @@ def _resize_settings(ctx, node):
     sizes, sizes_dynamic = given(3)
     axes = ctx.attr(node, "axes") if ctx.opset >= 18 else None
     axes = list(range(rank)) if axes is None else [normalize_axis(a, rank) for a in axes]
-    if roi_dynamic and _text(ctx.attr(node, "coordinate_transformation_mode", b"")) == "tf_crop_and_resize":
+    if roi_dynamic and ctx.attr(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":
         raise MultisalError(f"Resize node {node_label(node)!r}: its roi is computed at run time; "
                             "multisal needs it constant")
 
@@ -73,7 +69,7 @@ def _resize_settings(ctx, node):
         roi = np.ravel(roi)
         settings["roi"] = full(roi[:len(axes)], 0.0) + full(roi[len(axes):], 1.0)
     if sizes is not None or sizes_dynamic:
-        policy = _text(ctx.attr(node, "keep_aspect_ratio_policy", b"stretch"))
+        policy = ctx.attr(node, "keep_aspect_ratio_policy", "stretch")
         if policy == "stretch" or sizes is None:
             settings["sizes"] = [int(d) for d in out_shape]
             return settings
@@ -100,10 +96,10 @@ def _probe_model(ctx, node, axis, settings):
     rank = ctx.rank(node.input[0])
     in_shape = [1] * rank
     in_shape[axis] = ctx.shape(node.input[0])[axis]
-    inits, attrs = [], {}
-    for a in node.attribute:
-        if a.name not in ("axes", "keep_aspect_ratio_policy", "scales"):
-            attrs[a.name] = 0.0 if a.name == "extrapolation_value" else helper.get_attribute_value(a)
+    inits = []
+    attrs = ctx.attributes(node, without=("axes", "keep_aspect_ratio_policy", "scales"))
+    if "extrapolation_value" in attrs:
+        attrs["extrapolation_value"] = 0.0
 
     def const(name, values, dtype):
         inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
@@ -186,7 +182,7 @@ def resize(ctx, node, dy):
     rank = ctx.rank(x)
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     settings = _resize_settings(ctx, node)
-    ctm = _text(ctx.attr(node, "coordinate_transformation_mode", b""))
+    ctm = ctx.attr(node, "coordinate_transformation_mode", "")
     shifting = node.op_type == "Resize" and ctm in ("tf_half_pixel_for_nn", "tf_crop_and_resize")
     matrices = {}
     for axis in range(rank):

@@ -114,8 +114,7 @@ def _runs(index_map):
 
 def pad_params(ctx, node):
     rank = ctx.rank(node.input[0])
-    mode = ctx.attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = ctx.attr(node, "mode", "constant")
     if ctx.opset < 11:
         pads = ctx.attr(node, "pads", ctx.attr(node, "paddings"))
         axes = list(range(rank))
