@@ -22,7 +22,7 @@ from multisal.backend import closest_names
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
-from .context import FLOAT, FLOAT_TYPES, INT32, INT64, RULES, GradContext
+from .context import FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, GradContext, gradient_scope, node_label
 from .objective import build_objective
 # Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
 from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
@@ -52,6 +52,12 @@ def grad_name(tensor):
 
 def act_name(tensor):
     return ACTIVATION_PREFIX + tensor
+
+
+def grad_output_node(tensor):
+    """The node that puts out a differentiated tensor's gradient; what sums its parts is named
+    under it."""
+    return f"multisal_grad_out/{tensor}"
 
 
 def model_opset(model) -> int:
@@ -252,6 +258,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     # The objective's forward nodes come first, differentiated like the model's from the seed
     # d objective / d f(output) = W (objective.py).
     first = len(ctx.nodes)
+    ctx.scope = OBJECTIVE_SCOPE
     scores, weights, extra_inputs, extra_outputs = build_objective(ctx, output, request.objective, request.region)
     objective_nodes = ctx.nodes[first:]
     for node in objective_nodes:
@@ -266,19 +273,23 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
         return totals[name]
 
     for node in list(reversed(objective_nodes)) + active_nodes:
+        ctx.scope = gradient_scope(node)
         dys = [total(o) if o else None for o in node.output]
         if all(d is None for d in dys):
             continue
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
-            raise MultisalError(f"no gradient rule for op {node.op_type} (node {node.name or node.output[0]!r}, "
+            raise MultisalError(f"no gradient rule for op {node.op_type} (node {node_label(node)!r}, "
                                 f"opset {opset}{', domain ' + node.domain if node.domain else ''})")
         for i, dx in enumerate(rule(ctx, node, dys)):
             if dx is not None and ctx.needs(node, i):
                 grads.setdefault(node.input[i], []).append(dx)
 
-    # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
-    wrt_totals = {name: total(name) or ctx.zeros_like(name) for name in wrt}
+    wrt_totals = {}
+    for name in wrt:
+        ctx.scope = grad_output_node(name)
+        # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
+        wrt_totals[name] = total(name) or ctx.zeros_like(name)
     result = onnx.ModelProto()
     result.CopyFrom(model)
     g = result.graph
@@ -287,7 +298,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     g.input.extend(extra_inputs)
     g.output.extend(extra_outputs)
     for name in wrt:
-        g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=f"multisal_grad_out/{name}"))
+        g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=grad_output_node(name)))
         g.output.append(helper.make_tensor_value_info(grad_name(name), dtypes[name], _batched(shapes[name])))
     for name in request.layers:
         g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))

@@ -92,6 +92,31 @@ def node_label(node):
     return node.name or node.output[0]
 
 
+# What GradContext writes is named <scope>/<OpType>_<k> (constants <scope>/const_<k>), k counting
+# all it writes: the objective's nodes in OBJECTIVE_SCOPE, a rule's in gradient_scope(the node it
+# differentiates), as onnxruntime's own gradient builder names them, so that an error onnxruntime
+# raises in a gradient graph leads back to the model's node.
+OBJECTIVE_SCOPE = "objective"
+GRADIENT_SCOPE = "grad"
+
+
+def gradient_scope(node):
+    return f"{GRADIENT_SCOPE}/{node_label(node)}"
+
+
+def forward_node_name(name):
+    """The node whose gradient a gradient-graph node (or tensor) of that name was written for:
+    grad/<node>/<OpType>_<k> -> <node>, the model's node as node_label names it, or an
+    objective/... node, the objective's own. Any other name (the model's own nodes, the
+    objective's, the builder's outputs) is not a rule's and comes back as it is."""
+    prefix = GRADIENT_SCOPE + "/"
+    if name.startswith(prefix):
+        forward, sep, _ = name[len(prefix):].rpartition("/")
+        if sep:
+            return forward
+    return name
+
+
 def normalize_axis(axis, rank):
     return int(axis) + rank if int(axis) < 0 else int(axis)
 
@@ -110,6 +135,7 @@ class GradContext:
         self.active = active          # tensor names through which a gradient flows
         self.nodes = []
         self.initializers = []
+        self.scope = GRADIENT_SCOPE   # the builder names the node whose gradient is being written
         self._count = 0
 
     # ---- what a rule may ask --------------------------------------------------------------------
@@ -148,19 +174,20 @@ class GradContext:
         return {a.name: self.attr(node, a.name) for a in node.attribute if a.name not in without}
 
     # ---- what a rule may write ------------------------------------------------------------------
-    def fresh(self, hint: str) -> str:
+    def _name(self, kind):
         self._count += 1
-        return f"grad/{hint}/{self._count}"
+        return f"{self.scope}/{kind}_{self._count}"
 
     def emit(self, op_type, inputs, outputs=1, domain="", **attrs):
-        """Append a node; returns its output name (or names when outputs > 1)."""
-        names = [self.fresh(op_type) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.fresh(op_type + "_node"),
-                                           domain=domain, **attrs))
+        """Append a node; returns its output name (or names when outputs > 1): the node's own name,
+        with :<i> after it when it has several."""
+        name = self._name(op_type)
+        names = [name] if outputs == 1 else [f"{name}:{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
     def const(self, value, dtype=None, hint="const") -> str:
-        name = self.fresh(hint)
+        name = self._name(hint)
         value = np.asarray(value, dtype=self.float_dtype if dtype is None else dtype)
         self.initializers.append(numpy_helper.from_array(value, name))
         self.constants[name] = value
