@@ -58,7 +58,8 @@ def classifier_head(feature_shape, rng, n_classes=3, source="h"):
     """Flatten + Gemm from `source` to a classifier output "y", so any feature map can be the
     objective's input: (nodes, initializers)."""
     size = int(np.prod(feature_shape[1:]))
-    nodes = [helper.make_node("Flatten", [source], ["f"]), helper.make_node("Gemm", ["f", "Wfc", "bfc"], ["y"], transB=1)]
+    nodes = [helper.make_node("Flatten", [source], ["f"]),
+             helper.make_node("Gemm", ["f", "Wfc", "bfc"], ["y"], transB=1)]
     return nodes, {"Wfc": rng.standard_normal((n_classes, size)) * 0.3, "bfc": rng.standard_normal(n_classes)}
 
 

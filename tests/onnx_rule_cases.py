@@ -71,7 +71,8 @@ CASES = [
     # ---- arithmetic
     Case("Identity", (node("Identity", "x"),)),
     Case("Dropout", (node("Dropout", "x"),)),
-    Case("Cast", (node("Cast", "x", out="d", to=onnx.TensorProto.DOUBLE), node("Cast", "d", to=onnx.TensorProto.FLOAT))),
+    Case("Cast", (node("Cast", "x", out="d", to=onnx.TensorProto.DOUBLE),
+                  node("Cast", "d", to=onnx.TensorProto.FLOAT))),
     Case("Add", (GAP, node("Add", "x", "g"))),
     Case("Sum", (GAP, node("Sum", "x", "g", "c")), initializers={"c": np.array([0.1, 0.2, 0.3])}),
     Case("Sub", (GAP, node("Sub", "g", "x"))),
@@ -94,7 +95,8 @@ CASES = [
     Case("Sign", (node("Sign", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2, 2, (0,))),
     Case("Floor", (node("Floor", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2.5, 2.5, (-2, -1, 0, 1, 2))),
     Case("Ceil", (node("Ceil", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2.5, 2.5, (-2, -1, 0, 1, 2))),
-    Case("Round", (node("Round", "x", out="s"), node("Mul", "x", "s")), draw=uniform(-2.4, 2.4, (-1.5, -0.5, 0.5, 1.5))),
+    Case("Round", (node("Round", "x", out="s"), node("Mul", "x", "s")),
+         draw=uniform(-2.4, 2.4, (-1.5, -0.5, 0.5, 1.5))),
     # only through Floor: the input's gradient is zeros
     Case("Floor", (node("Floor", "x"),), draw=uniform(-2.5, 2.5, (-2, -1, 0, 1, 2)), label="alone"),
     # ---- activations
@@ -121,7 +123,8 @@ CASES = [
          initializers={"W": weights(3, 2, 3, 3), "b": weights(3)}),
     Case("Conv", (node("Conv", "x", "W", strides=[2, 2], pads=[1, 0, 1, 1], kernel_shape=[3, 3]),), (2, 2, 5, 6),
          initializers={"W": weights(3, 2, 3, 3)}, label="strided"),
-    Case("ConvTranspose", (node("ConvTranspose", "x", "W", "b", strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 0]),),
+    Case("ConvTranspose",
+         (node("ConvTranspose", "x", "W", "b", strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 0]),),
          initializers={"W": weights(2, 3, 3, 3), "b": weights(3)}),
     Case("Gemm", (node("Flatten", "x", out="flat"), node("Gemm", "flat", "W", "b", transB=1, alpha=0.5)),
          initializers={"W": weights(4, 18), "b": weights(4)}),
@@ -130,7 +133,8 @@ CASES = [
     # ---- pooling
     Case("MaxPool", (node("MaxPool", "x", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),), (2, 2, 5, 5),
          draw=distinct()),
-    Case("AveragePool", (node("AveragePool", "x", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),), (2, 2, 5, 5)),
+    Case("AveragePool", (node("AveragePool", "x", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),),
+         (2, 2, 5, 5)),
     Case("GlobalAveragePool", (node("GlobalAveragePool", "x"),)),
     Case("GlobalMaxPool", (node("GlobalMaxPool", "x"),), draw=distinct()),
     # ---- normalization

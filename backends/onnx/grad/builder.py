@@ -172,8 +172,8 @@ def fold_pads_into_convs(model, ctx, keep=()):
     needs no Slice to undo the Pad and no convolution gradient at the padded size, which is
     cropped afterwards. torch's TorchScript exporter writes TF-style "same" padding that way (the
     pads computed at run time from the input's shape, constant for one image size), as in
-    EfficientNet-Lite0, where Pad and the Slices came to about 10% of the gradient graph. Nodes
-    left without a reader go too. `keep`: tensors that must stay (asked-for layers)."""
+    EfficientNet-Lite0, whose gradient graph spent a good part of its time in those Pads and the
+    Slices undoing them. Nodes left without a reader go too. `keep`: tensors that must stay (asked-for layers)."""
     readers = defaultdict(list)
     for node in model.graph.node:
         for name in node.input:

@@ -69,8 +69,9 @@ def _phase_taps(kernel, stride, begin, in_len, out_len):
 
 def _depthwise_strided(ctx, dy, wv, strides, begin, kernel, in_shape, out_shape):
     """Input gradient of a strided depthwise Conv (one input channel per group) without ConvTranspose,
-    which onnxruntime runs group by group: on EfficientNet-Lite0 its five stride-2 depthwise convs
-    took 10-14% of the gradient graph, and this form runs each 1.3-3.5x faster. Polyphase form: each of the s_h*s_w output phases is a stride-1 correlation of dy with a subset
+    which onnxruntime runs group by group, one small transposed convolution per channel (the
+    stride-2 depthwise convs of EfficientNet-Lite0 stood out in its gradient graph's profile).
+    Polyphase form: each of the s_h*s_w output phases is a stride-1 correlation of dy with a subset
     of the taps, so one grouped Conv writes all phases of channel c as channels c*s_h*s_w + phase,
     and Col2Im with a non-overlapping s_h x s_w block puts phase (a, b) of cell (i, j) at
     (s_h*i + a, s_w*j + b). Returns None where the geometry does not fit (then ConvTranspose)."""

@@ -22,15 +22,16 @@ def _pool_geometry(ctx, node):
     """kernel, strides, dilations, begin pads, end pads, input and output spatial sizes of a pool."""
     kernel = [int(k) for k in ctx.attr(node, "kernel_shape")]
     strides, dilations, begin, end = ctx.sliding_window(node, kernel)
-    return kernel, strides, dilations, begin, end, list(ctx.shape(node.input[0])[2:]), list(ctx.shape(node.output[0])[2:])
+    in_sp, out_sp = list(ctx.shape(node.input[0])[2:]), list(ctx.shape(node.output[0])[2:])
+    return kernel, strides, dilations, begin, end, in_sp, out_sp
 
 
 def _place_windows(ctx, node, stacked, onehot, kernel, strides, dilations, begin, in_sp, out_sp):
     """dX from per-window values: `stacked` is (N*C, K, Ho, Wo), `onehot` (K, 1, *kernel) says where
     in the window each of the K channels lands. dX[a*s + t*d - begin] += stacked[k, a] * onehot[k, t];
     returns (N*C, 1, *in_sp)."""
-    # With one output channel onnxruntime runs this ConvTranspose several times faster than the
-    # equivalent stride-1 Conv (the reverse of what holds for Conv's own gradient).
+    # With one output channel onnxruntime runs this ConvTranspose faster than the equivalent
+    # stride-1 Conv (the reverse of what holds for Conv's own gradient).
     covered = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out_sp, strides, kernel, dilations)]
     end = [c - b - n for c, b, n in zip(covered, begin, in_sp)]      # window area past the input's end
     # Windows past the end are cropped by the end pads; input rows no window reaches come as output padding.
