@@ -229,6 +229,10 @@ class GradContext:
     def reshape_like(self, x, like):
         return self.emit("Reshape", [x, self.emit("Shape", [like])])
 
+    def expand_like(self, x, like):
+        """x broadcast to the shape of tensor `like` (its batch extent taken at run time)."""
+        return self.emit("Expand", [x, self.emit("Shape", [like])])
+
     def unbroadcast(self, grad, out_name, in_name):
         """Sum a gradient shaped like a broadcasting op's output down to one input's shape."""
         out_shape, in_shape = self.shape(out_name), self.shape(in_name)

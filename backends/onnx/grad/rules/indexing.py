@@ -13,6 +13,11 @@ from multisal.errors import MultisalError
 from ..context import linear, node_label, normalize_axis
 
 
+def _one_hot(ctx, indices, depth, dtype):
+    """indices (computed at run time) as one-hot rows of `depth` along a new last axis."""
+    return ctx.emit("OneHot", [indices, ctx.int64s([depth]), ctx.const([0, 1], dtype=dtype)], axis=-1)
+
+
 # ---- Slice ----------------------------------------------------------------------------------------
 def _place_run(ctx, g, rank, shape, axis, positions, dim):
     """Spreads g's entries along axis to the given positions (an arithmetic run) of a zero axis of
@@ -106,7 +111,7 @@ def _slice_dynamic(ctx, node, dy):
         if steps:
             inputs.append(ctx.emit("Slice", [steps, ctx.int64s([k]), ctx.int64s([k + 1])]))
         positions = ctx.emit("Slice", inputs)
-        onehot = ctx.emit("OneHot", [positions, ctx.int64s([dim]), ctx.const([0, 1], dtype=dtype)], axis=-1)
+        onehot = _one_hot(ctx, positions, dim, dtype)
         g = ctx.contract_axis(g, axis, rank, onehot, dtype)
     return g
 
@@ -136,8 +141,7 @@ def gather(ctx, node, dy):
         onehot = np.zeros((len(idx), dim), dtype=dtype)
         np.add.at(onehot, (np.arange(len(idx)), idx), 1)
     else:
-        flat = ctx.reshape(indices, [-1])
-        onehot = ctx.emit("OneHot", [flat, ctx.int64s([dim]), ctx.const([0, 1], dtype=dtype)], axis=-1)
+        onehot = _one_hot(ctx, ctx.reshape(indices, [-1]), dim, dtype)
     return ctx.contract_axis(g, axis, rank, onehot, dtype)
 
 
@@ -157,7 +161,7 @@ def gather_elements(ctx, node, dy):
             # No index repeats along the axis: a plain scatter is exact.
             return ctx.emit("ScatterElements", [ctx.zeros_like(x), indices, dy], axis=axis)
     dtype = ctx.np_dtype(x)
-    onehot = ctx.emit("OneHot", [indices, ctx.int64s([shape[axis]]), ctx.const([0, 1], dtype=dtype)], axis=-1)
+    onehot = _one_hot(ctx, indices, shape[axis], dtype)
     spread = ctx.emit("Mul", [onehot, ctx.unsqueeze(dy, [rank])])                 # (..idx.., dim)
     summed = ctx.reduce("ReduceSum", spread, [axis], keepdims=True)               # axis -> 1
     perm = list(range(rank + 1))

@@ -87,10 +87,10 @@ def _depthwise_strided(ctx, dy, wv, strides, begin, kernel, in_shape, out_shape)
     phases = phases.reshape(c_in * s_h * s_w, per_group, len(rows[0]), len(cols[0]))
     split = ctx.emit("Conv", [dy, ctx.const(np.ascontiguousarray(phases), dtype=wv.dtype)], group=c_in,
                      pads=[pad_top, pad_left, pad_bottom, pad_right], kernel_shape=list(phases.shape[2:]))
-    columns = ctx.emit("Reshape", [split, ctx.int64s([0, c_in * s_h * s_w, -1])])
+    columns = ctx.reshape(split, [0, c_in * s_h * s_w, -1])
     dx = ctx.emit("Col2Im", [columns, ctx.int64s([s_h * m_h, s_w * m_w]), ctx.int64s([s_h, s_w])], strides=[s_h, s_w])
     if (s_h * m_h, s_w * m_w) != tuple(in_shape[2:]):
-        dx = ctx.emit("Slice", [dx, ctx.int64s([0, 0]), ctx.int64s(in_shape[2:]), ctx.int64s([2, 3])])
+        dx = ctx.slice(dx, [2, 3], [0, 0], in_shape[2:])
     return dx
 
 
@@ -207,7 +207,7 @@ def einsum(ctx, node, dys):
         dx = ctx.emit("Einsum", [dys[0]] + [o for j, o in enumerate(node.input) if j != i], equation=equation)
         if len(kept) < len(term):
             dx = ctx.unsqueeze(dx, [k for k, c in enumerate(term) if c not in seen])
-            dx = ctx.emit("Expand", [dx, ctx.emit("Shape", [x])])
+            dx = ctx.expand_like(dx, x)
         grads[i] = dx
     return grads
 

@@ -83,7 +83,7 @@ def layer_norm(ctx, node, dys):
         for k, d in extra:
             d = ctx.emit("Mul", [ctx.emit("Reshape", [d, kept]), inverse_m])
             if k == 1:                                          # Mean: d mean / dx = 1 / M
-                parts.append(ctx.emit("Expand", [d, ctx.emit("Shape", [x])]))
+                parts.append(ctx.expand_like(d, x))
             else:                                               # InvStdDev: d rstd / dx = -rstd^2 xhat / M
                 parts.append(ctx.emit("Neg", [ctx.emit("Mul", [ctx.emit("Mul", [d, ctx.emit("Mul", [rstd, rstd])]),
                                                                 xhat])]))

@@ -72,7 +72,7 @@ def _window_offsets(ctx, node, kernel, strides, dilations, begin, in_sp, out_sp)
     delta = ctx.emit("Sub", [code, ctx.int64s(start.reshape(1, 1, *out_sp))])
     offsets = list(itertools.product(*[range(k) for k in kernel]))
     codes = [sum(t * d * r for t, d, r in zip(offset, dilations, radix)) for offset in offsets]
-    return ctx.emit("Reshape", [delta, ctx.int64s([-1, 1, *out_sp])]), codes, offsets
+    return ctx.reshape(delta, [-1, 1, *out_sp]), codes, offsets
 
 
 @rule("MaxPool")
@@ -87,7 +87,7 @@ def max_pool(ctx, node, dys):
     delta, codes, offsets = _window_offsets(ctx, node, kernel, strides, dilations, begin, in_sp, out_sp)
     spatial = len(in_sp)
     hit = ctx.mask(ctx.emit("Equal", [delta, ctx.int64s(np.asarray(codes).reshape(1, -1, *[1] * spatial))]))
-    dy1 = ctx.emit("Reshape", [dys[0], ctx.int64s([-1, 1, *out_sp])])
+    dy1 = ctx.reshape(dys[0], [-1, 1, *out_sp])
     stacked = ctx.emit("Mul", [hit, dy1])                                # (N*C, K, *out_sp)
     onehot = np.zeros((len(offsets), 1, *kernel), np.float32)
     for n, offset in enumerate(offsets):
@@ -121,7 +121,7 @@ def average_pool(ctx, node, dy):
         scale = ctx.const(float(inverse.flat[0]))
     else:
         scale = ctx.const(inverse.reshape(1, 1, *out_sp))
-    dy1 = ctx.emit("Reshape", [ctx.emit("Mul", [dy, scale]), ctx.int64s([-1, 1, *out_sp])])
+    dy1 = ctx.reshape(ctx.emit("Mul", [dy, scale]), [-1, 1, *out_sp])
     ones = np.ones((1, 1, *kernel), np.float32)
     dx = _place_windows(ctx, node, dy1, ones, kernel, strides, dilations, begin, in_sp, out_sp)
     return ctx.reshape_like(dx, x)
@@ -133,10 +133,10 @@ def global_max_pool(ctx, node, dys):
     MaxPool), found with ArgMax (first index on ties) compared with a constant index range."""
     x = node.input[0]
     size = int(np.prod(ctx.shape(x)[2:]))
-    flat = ctx.emit("Reshape", [x, ctx.int64s([0, 0, size])])
+    flat = ctx.reshape(x, [0, 0, size])
     index = ctx.emit("ArgMax", [flat], axis=2, keepdims=1)                       # (N, C, 1)
     first = ctx.mask(ctx.emit("Equal", [ctx.int64s(np.arange(size)), index]))  # (N, C, size)
-    dy = ctx.emit("Reshape", [dys[0], ctx.int64s([0, 0, 1])])
+    dy = ctx.reshape(dys[0], [0, 0, 1])
     return [ctx.reshape_like(ctx.emit("Mul", [first, dy]), x)]
 
 
@@ -144,4 +144,4 @@ def global_max_pool(ctx, node, dys):
 def global_average_pool(ctx, node, dy):
     x = node.input[0]
     scaled = ctx.emit("Mul", [dy, ctx.const(1.0 / int(np.prod(ctx.shape(x)[2:])))])
-    return ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])
+    return ctx.expand_like(scaled, x)

@@ -43,7 +43,7 @@ def reduce_sum(ctx, node, dy):
     axes = _reduce_axes(ctx, node)
     if axes is None:
         return dy
-    return ctx.emit("Expand", [_keep_dims(ctx, node, dy, axes), ctx.emit("Shape", [node.input[0]])])
+    return ctx.expand_like(_keep_dims(ctx, node, dy, axes), node.input[0])
 
 
 @linear("ReduceMean")
@@ -54,7 +54,7 @@ def reduce_mean(ctx, node, dy):
         return dy
     x = node.input[0]
     scaled = ctx.emit("Mul", [_keep_dims(ctx, node, dy, axes), ctx.inverse_count(x, node.output[0], axes)])
-    return ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])
+    return ctx.expand_like(scaled, x)
 
 
 @rule("ReduceMax")
