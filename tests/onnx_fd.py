@@ -126,8 +126,9 @@ def run_gradient(model, x, target, objective="logit", layers=()):
     onnx.checker.check_model(grad_model)
     sess = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(None, {model.graph.input[0].name: x.astype(np.float32),
-                                              TARGET_INPUT: np.asarray(target, np.int64)})))
+    inp = model.graph.input[0]
+    x = x.astype(helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))   # float32, or float64 models'
+    values = dict(zip(names, sess.run(None, {inp.name: x, TARGET_INPUT: np.asarray(target, np.int64)})))
     return values, grad_model
 
 

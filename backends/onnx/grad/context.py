@@ -309,7 +309,7 @@ class GradContext:
         if 0 not in axes:
             shape = self.shape(x)
             return self.const(1.0 / int(np.prod([shape[a] for a in axes])))
-        sizes = [self.emit("Cast", [self.emit("Size", [t])], to=FLOAT) for t in (reduced, x)]
+        sizes = [self.emit("Cast", [self.emit("Size", [t])], to=self.float_type) for t in (reduced, x)]
         return self.emit("Div", sizes)
 
     def sliding_window(self, node, kernel):

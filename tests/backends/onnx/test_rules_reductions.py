@@ -5,7 +5,9 @@ from onnx import helper
 
 from multisal.backends.onnx.grad.builder import grad_name
 from multisal.errors import MultisalError
-from onnx_fd import check_input_gradient, draw_distinct, make_model, model_with_head, run_gradient
+from helpers import assert_agree
+from onnx_fd import (check_input_gradient, draw_distinct, finite_differences, make_model, model_with_head, run_gradient,
+                     to_float64)
 
 RNG = np.random.default_rng(0)
 
@@ -69,6 +71,17 @@ def test_reductions_empty_axes_and_batch(op, axes, noop):
     x_shape = (2, 3, 2, 2)
     model = _reduce_model(op, 18, x_shape, axes, 1, noop)
     check_input_gradient(model, draw_distinct(RNG, x_shape), [0, 2])
+
+
+def test_float64_mean_over_the_batch():
+    """The count a mean over the batch divides by comes from the run-time sizes, in the model's
+    float type."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0, 2], keepdims=1),
+             helper.make_node("Add", ["x", "m"], ["h"])]
+    model = to_float64(model_with_head(nodes, (2, 3, 2, 2), (2, 3, 2, 2), RNG, opset=13))
+    x = RNG.standard_normal((2, 3, 2, 2))
+    values, _ = run_gradient(model, x, [0, 2])
+    assert_agree(values[grad_name("x")], finite_differences(model, x, [0, 2]), tol=1e-6)
 
 
 def test_reduce_max_ties_share_the_gradient():
