@@ -21,7 +21,6 @@ import numpy as np
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
-onnx = lazy_import("onnx")
 helper = lazy_import("onnx.helper")
 numpy_helper = lazy_import("onnx.numpy_helper")
 

@@ -4,6 +4,7 @@ Masks are float 0/1 applied with Mul, not Where: onnxruntime runs Where slower, 
 the profile of a depthwise network. A node's forward output is reused where it saves work (Relu,
 Clip, Sigmoid, Tanh, Softmax, ...). At a kink (x = 0 for LeakyRelu/PRelu/Elu, the corners of
 HardSigmoid/HardSwish) the rule takes one of the one-sided derivatives, as frameworks do.
+Written for opsets 11 to 21.
 """
 from __future__ import annotations
 

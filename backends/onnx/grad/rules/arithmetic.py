@@ -3,7 +3,8 @@ elementwise functions of one tensor (exp, log, powers, ...) and the piecewise co
 rounding), whose gradient is zero almost everywhere.
 
 Masks are float 0/1 applied with Mul, not Where, which onnxruntime runs slower; a node's forward
-output is reused where it saves work (Exp, Sqrt, Reciprocal, Div).
+output is reused where it saves work (Exp, Sqrt, Reciprocal, Div). At Abs's kink the rule takes
+0, as frameworks do. Written for opsets 11 to 21.
 """
 from __future__ import annotations
 
