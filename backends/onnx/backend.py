@@ -37,7 +37,7 @@ helper = lazy_import("onnx.helper")
 
 CPU_MEMORY_BUDGET = 1 << 30
 CACHE_FALLBACK = 16 << 20   # the last-level cache assumed where the machine does not say
-CACHE_FORMAT = "4"   # bump when the gradient graphs multisal writes change
+CACHE_FORMAT = "6"   # bump when the gradient graphs multisal writes change
 
 
 def default_cache_dir() -> Path:

@@ -11,10 +11,13 @@ import re
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
+from .grad.context import forward_node_name
+
 ort = lazy_import("onnxruntime")
 
 _RUNNING = re.compile(r"running (\w+) node\. Name:'([^']*)'")
 _IN_NODE = re.compile(r"in node \(([^)]*)\)")
+_NODE_OP = re.compile(r"Node \(([^)]*)\) Op \((\w+)\)")
 _SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
 _PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
@@ -24,11 +27,21 @@ def failure(err, doing: str, source: str) -> MultisalError:
     text = " ".join(str(err).split())
     text = _SOURCE.sub("", _PREFIX.sub("", text))
     where = ""
-    match = _RUNNING.search(text) or _IN_NODE.search(text)
+    match = _RUNNING.search(text) or _NODE_OP.search(text) or _IN_NODE.search(text)
     if match:
-        op, node = (match.group(1), match.group(2)) if match.re is _RUNNING else (None, match.group(1))
-        where = f" (op {op}" if op else " (node"
-        where += f", node {node!r})" if op and node else (")" if op else f" {node!r})")
+        if match.re is _RUNNING:
+            op, node = match.group(1), match.group(2)
+        elif match.re is _NODE_OP:
+            node, op = match.group(1), match.group(2)
+        else:
+            op, node = None, match.group(1)
+        forward = forward_node_name(node) if node else node
+        if forward != node:   # a node of the gradient graph: the model's node it differentiates
+            where = f" (the gradient of node {forward!r}" + (f", op {op})" if op else ")")
+        elif node:
+            where = f" (node {node!r}" + (f", op {op})" if op else ")")
+        else:
+            where = f" (op {op})"
         text = text.replace(match.group(0), "").strip(" .:")
     text = text.split(" Status Message: ", 1)[-1]
     return MultisalError(f"onnxruntime cannot {doing} {source}{where}: {text[:300]}")

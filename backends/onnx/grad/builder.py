@@ -23,11 +23,11 @@ from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
 from .. import runtime
-from .context import FLOAT, FLOAT_TYPES, INT32, INT64, RULES, GradContext
+from .context import FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, GradContext, gradient_scope, node_label
 from .objective import build_objective
-from .rules import elementwise, nn, pool_norm, tensor  # noqa: F401  (they fill RULES)
-from .rules import math as _math_rules, shape as _shape_rules  # noqa: F401
-from .rules.tensor import pad_params
+# Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
+from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
+from .rules import shape as shape_rules
 
 onnx = lazy_import("onnx")
 helper = lazy_import("onnx.helper")
@@ -52,6 +52,12 @@ def grad_name(tensor):
 
 def act_name(tensor):
     return ACTIVATION_PREFIX + tensor
+
+
+def grad_output_node(tensor):
+    """The node that puts out a differentiated tensor's gradient; what sums its parts is named
+    under it."""
+    return f"multisal_grad_out/{tensor}"
 
 
 def model_opset(model) -> int:
@@ -164,8 +170,8 @@ def fold_pads_into_convs(model, ctx, keep=()):
     needs no Slice to undo the Pad and no convolution gradient at the padded size, which is
     cropped afterwards. torch's TorchScript exporter writes TF-style "same" padding that way (the
     pads computed at run time from the input's shape, constant for one image size), as in
-    EfficientNet-Lite0, where Pad and the Slices came to about 10% of the gradient graph. Nodes
-    left without a reader go too. `keep`: tensors that must stay (asked-for layers)."""
+    EfficientNet-Lite0, whose gradient graph spent a good part of its time in those Pads and the
+    Slices undoing them. Nodes left without a reader go too. `keep`: tensors that must stay (asked-for layers)."""
     readers = defaultdict(list)
     for node in model.graph.node:
         for name in node.input:
@@ -181,10 +187,10 @@ def fold_pads_into_convs(model, ctx, keep=()):
             continue
         users = readers[node.output[0]]
         if not users or any(u.op_type != "Conv" or list(u.input).count(node.output[0]) != 1 or u.input[0] != node.output[0]
-                            or ctx.attr(u, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for u in users):
+                            or ctx.attr(u, "auto_pad", "NOTSET") != "NOTSET" for u in users):
             continue
         try:
-            mode, rank, pads = pad_params(ctx, node)
+            mode, rank, pads = shape_rules.pad_params(ctx, node)
         except MultisalError:   # pads computed from the input's values: not foldable
             continue
         value = ctx.attr(node, "value", 0.0) if ctx.opset < 11 else \
@@ -250,6 +256,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     # The objective's forward nodes come first, differentiated like the model's from the seed
     # d objective / d f(output) = W (objective.py).
     first = len(ctx.nodes)
+    ctx.scope = OBJECTIVE_SCOPE
     scores, weights, extra_inputs, extra_outputs = build_objective(ctx, output, request.objective, request.region)
     objective_nodes = ctx.nodes[first:]
     for node in objective_nodes:
@@ -264,18 +271,23 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
         return totals[name]
 
     for node in list(reversed(objective_nodes)) + active_nodes:
+        ctx.scope = gradient_scope(node)
         dys = [total(o) if o else None for o in node.output]
         if all(d is None for d in dys):
             continue
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
-            raise MultisalError(f"no gradient rule for op {node.op_type} (node {node.name or node.output[0]!r}, "
+            raise MultisalError(f"no gradient rule for op {node.op_type} (node {node_label(node)!r}, "
                                 f"opset {opset}{', domain ' + node.domain if node.domain else ''})")
         for i, dx in enumerate(rule(ctx, node, dys)):
             if dx is not None and ctx.needs(node, i):
                 grads.setdefault(node.input[i], []).append(dx)
 
-    wrt_totals = {name: total(name) for name in wrt}
+    wrt_totals = {}
+    for name in wrt:
+        ctx.scope = grad_output_node(name)
+        # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
+        wrt_totals[name] = total(name) or ctx.zeros_like(name)
     result = onnx.ModelProto()
     result.CopyFrom(model)
     g = result.graph
@@ -284,7 +296,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     g.input.extend(extra_inputs)
     g.output.extend(extra_outputs)
     for name in wrt:
-        g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=f"multisal_grad_out/{name}"))
+        g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=grad_output_node(name)))
         g.output.append(helper.make_tensor_value_info(grad_name(name), dtypes[name], _batched(shapes[name])))
     for name in request.layers:
         g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))

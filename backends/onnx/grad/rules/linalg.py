@@ -1,42 +1,25 @@
-"""Gradient rules of the layers with weights: Conv, Gemm, MatMul, Einsum, BatchNormalization, and
-global pooling. Only input gradients are formed; weights are constants of the gradient graph."""
+"""Gradient rules of the linear maps with weights: Conv, ConvTranspose, Gemm, MatMul, Einsum.
+
+Only input gradients are formed; weights are constants of the gradient graph.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from multisal.errors import MultisalError
 
-from ..context import rule
+from ..context import linear, node_label, rule
 
 
-def _conv_attrs(ctx, node, spatial):
-    strides = list(ctx.attr(node, "strides", [1] * spatial))
-    dilations = list(ctx.attr(node, "dilations", [1] * spatial))
-    group = int(ctx.attr(node, "group", 1))
-    pads = ctx.attr(node, "pads")
-    auto_pad = ctx.attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    in_shape, out_shape = ctx.shape(node.input[0]), ctx.shape(node.output[0])
-    kernel = ctx.shape(node.input[1])[2:]
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID") or pads is None:
-        pads = [0] * (2 * spatial)
-        if auto_pad.startswith("SAME"):
-            for d in range(spatial):
-                total = max((out_shape[2 + d] - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 - in_shape[2 + d], 0)
-                small, large = total // 2, total - total // 2
-                pads[d], pads[d + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    return strides, dilations, group, list(pads), kernel, in_shape, out_shape
-
-
-@rule("Conv")
-def conv(ctx, node, dys):
-    if not ctx.needs(node, 0):
-        return [None] * len(node.input)
+@linear("Conv")
+def conv(ctx, node, dy):
     x, w = node.input[0], node.input[1]
     spatial = ctx.rank(x) - 2
-    strides, dilations, group, pads, kernel, in_shape, out_shape = _conv_attrs(ctx, node, spatial)
+    in_shape, out_shape, kernel = ctx.shape(x), ctx.shape(node.output[0]), ctx.shape(w)[2:]
+    strides, dilations, begin, end = ctx.sliding_window(node, kernel)
+    pads = begin + end
+    group = int(ctx.attr(node, "group", 1))
     wv = ctx.const_value(w)
-    begin, end = pads[:spatial], pads[spatial:]
     unit = all(s == 1 for s in strides) and all(d == 1 for d in dilations)
     if wv is not None and unit:
         # Stride 1: the input gradient is a convolution of dy with the flipped, transposed kernel,
@@ -47,25 +30,25 @@ def conv(ctx, node, dys):
         wt = np.flip(wt, axis=tuple(range(2, 2 + spatial)))
         new_pads = [k - 1 - p for k, p in zip(kernel, begin)] + [k - 1 - p for k, p in zip(kernel, end)]
         if all(p >= 0 for p in new_pads):
-            dx = ctx.emit("Conv", [dys[0], ctx.const(np.ascontiguousarray(wt), dtype=wv.dtype)],
+            dx = ctx.emit("Conv", [dy, ctx.const(np.ascontiguousarray(wt), dtype=wv.dtype)],
                           group=group, pads=new_pads, kernel_shape=list(kernel))
-            return [dx] + [None] * (len(node.input) - 1)
+            return dx
     if wv is not None and spatial == 2 and wv.shape[1] == 1 and ctx.opset >= 18 \
             and all(d == 1 for d in dilations):
-        dx = _depthwise_strided(ctx, dys[0], wv, strides, begin, kernel, in_shape, out_shape)
+        dx = _depthwise_strided(ctx, dy, wv, strides, begin, kernel, in_shape, out_shape)
         if dx is not None:
-            return [dx] + [None] * (len(node.input) - 1)
+            return dx
     # General case: the transposed convolution, with output_padding making up what a stride dropped.
     out_pad = []
     for d in range(spatial):
         covered = (out_shape[2 + d] - 1) * strides[d] - begin[d] - end[d] + (kernel[d] - 1) * dilations[d] + 1
         extra = in_shape[2 + d] - covered
         if extra < 0 or extra >= max(strides[d], dilations[d]):
-            raise MultisalError(f"Conv node {node.name!r}: cannot invert its geometry (input {in_shape}, output {out_shape})")
+            raise MultisalError(f"Conv node {node_label(node)!r}: cannot invert its geometry (input {in_shape}, output {out_shape})")
         out_pad.append(extra)
-    dx = ctx.emit("ConvTranspose", [dys[0], w], group=group, strides=strides, dilations=dilations,
+    dx = ctx.emit("ConvTranspose", [dy, w], group=group, strides=strides, dilations=dilations,
                   pads=pads, output_padding=out_pad, kernel_shape=list(kernel))
-    return [dx] + [None] * (len(node.input) - 1)
+    return dx
 
 
 def _phase_taps(kernel, stride, begin, in_len, out_len):
@@ -86,8 +69,9 @@ def _phase_taps(kernel, stride, begin, in_len, out_len):
 
 def _depthwise_strided(ctx, dy, wv, strides, begin, kernel, in_shape, out_shape):
     """Input gradient of a strided depthwise Conv (one input channel per group) without ConvTranspose,
-    which onnxruntime runs group by group: on EfficientNet-Lite0 its five stride-2 depthwise convs
-    took 10-14% of the gradient graph, and this form runs each 1.3-3.5x faster. Polyphase form: each of the s_h*s_w output phases is a stride-1 correlation of dy with a subset
+    which onnxruntime runs group by group, one small transposed convolution per channel (the
+    stride-2 depthwise convs of EfficientNet-Lite0 stood out in its gradient graph's profile).
+    Polyphase form: each of the s_h*s_w output phases is a stride-1 correlation of dy with a subset
     of the taps, so one grouped Conv writes all phases of channel c as channels c*s_h*s_w + phase,
     and Col2Im with a non-overlapping s_h x s_w block puts phase (a, b) of cell (i, j) at
     (s_h*i + a, s_w*j + b). Returns None where the geometry does not fit (then ConvTranspose)."""
@@ -103,10 +87,10 @@ def _depthwise_strided(ctx, dy, wv, strides, begin, kernel, in_shape, out_shape)
     phases = phases.reshape(c_in * s_h * s_w, per_group, len(rows[0]), len(cols[0]))
     split = ctx.emit("Conv", [dy, ctx.const(np.ascontiguousarray(phases), dtype=wv.dtype)], group=c_in,
                      pads=[pad_top, pad_left, pad_bottom, pad_right], kernel_shape=list(phases.shape[2:]))
-    columns = ctx.emit("Reshape", [split, ctx.int64s([0, c_in * s_h * s_w, -1])])
+    columns = ctx.reshape(split, [0, c_in * s_h * s_w, -1])
     dx = ctx.emit("Col2Im", [columns, ctx.int64s([s_h * m_h, s_w * m_w]), ctx.int64s([s_h, s_w])], strides=[s_h, s_w])
     if (s_h * m_h, s_w * m_w) != tuple(in_shape[2:]):
-        dx = ctx.emit("Slice", [dx, ctx.int64s([0, 0]), ctx.int64s(in_shape[2:]), ctx.int64s([2, 3])])
+        dx = ctx.slice(dx, [2, 3], [0, 0], in_shape[2:])
     return dx
 
 
@@ -165,7 +149,7 @@ def matmul(ctx, node, dys):
         grads[0] = da
     if ctx.needs(node, 1):
         if ra == 1 or rb == 1:
-            raise MultisalError(f"MatMul node {node.name!r}: gradient of a vector operand that is an activation")
+            raise MultisalError(f"MatMul node {node_label(node)!r}: gradient of a vector operand that is an activation")
         db = ctx.emit("MatMul", [_swap_last(ctx, a), dys[0]])
         if rb < ry:
             db = ctx.reduce("ReduceSum", db, range(ry - rb), keepdims=False)
@@ -173,36 +157,11 @@ def matmul(ctx, node, dys):
     return grads
 
 
-@rule("BatchNormalization")
-def batch_norm(ctx, node, dys):
-    """Inference form: y = (x - mean) / sqrt(var + eps) * scale + bias, a per-channel scale."""
-    x, scale, _bias, _mean, var = node.input[:5]
-    eps = float(ctx.attr(node, "epsilon", 1e-5))
-    sv, vv = ctx.const_value(scale), ctx.const_value(var)
-    rank = ctx.rank(x)
-    if sv is not None and vv is not None:
-        factor = (sv / np.sqrt(vv.astype(np.float64) + eps)).astype(sv.dtype)
-        factor = ctx.const(factor.reshape(-1, *([1] * (rank - 2))), dtype=sv.dtype)
-    else:
-        den = ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.const(eps)])])
-        factor = ctx.unsqueeze(ctx.emit("Div", [scale, den]), list(range(1, rank - 1)))
-    return [ctx.emit("Mul", [dys[0], factor])] + [None] * (len(node.input) - 1)
-
-
-@rule("GlobalAveragePool")
-def global_average_pool(ctx, node, dys):
-    x = node.input[0]
-    size = int(np.prod(ctx.shape(x)[2:]))
-    scaled = ctx.emit("Mul", [dys[0], ctx.const(1.0 / size)])
-    return [ctx.emit("Expand", [scaled, ctx.emit("Shape", [x])])]
-
-
 def _einsum_terms(ctx, node):
     """The subscripts of each operand and of the output, as lists of letters: spaces dropped,
     "..." spelt out as letters the equation does not use (right-aligned, numpy's broadcasting),
     and the implicit output (no "->") made explicit: the ellipsis, then the letters used once, sorted."""
-    equation = ctx.attr(node, "equation")
-    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    equation = ctx.attr(node, "equation").replace(" ", "")
     lhs, arrow, rhs = equation.partition("->")
     terms = lhs.split(",")
     unused = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
@@ -239,7 +198,7 @@ def einsum(ctx, node, dys):
             continue
         term = operands[i]
         if len(set(term)) < len(term) or any(n != sizes[c] for c, n in zip(term, ctx.shape(x))):
-            raise MultisalError(f"Einsum node {node.name or node.output[0]!r}: no gradient for operand {i} "
+            raise MultisalError(f"Einsum node {node_label(node)!r}: no gradient for operand {i} "
                                 f"({''.join(term)}): a repeated or broadcast subscript")
         others = [t for j, t in enumerate(operands) if j != i]
         seen = set(output).union(*others)
@@ -248,6 +207,48 @@ def einsum(ctx, node, dys):
         dx = ctx.emit("Einsum", [dys[0]] + [o for j, o in enumerate(node.input) if j != i], equation=equation)
         if len(kept) < len(term):
             dx = ctx.unsqueeze(dx, [k for k, c in enumerate(term) if c not in seen])
-            dx = ctx.emit("Expand", [dx, ctx.emit("Shape", [x])])
+            dx = ctx.expand_like(dx, x)
         grads[i] = dx
     return grads
+
+
+@linear("ConvTranspose")
+def conv_transpose(ctx, node, dy):
+    """Y[o, s*i + d*u - pad] += X[c, i] * W[c, o, u] (per group), so dX = Conv(dY, W) with the same
+    strides, dilations and group and the begin pads; the end pads are whatever brings the Conv's
+    output back to X's size (output_padding and output_shape only add rows no input reaches).
+    With output_shape or SAME_*, the total pad is split as onnxruntime does: the odd one at the
+    beginning except for SAME_UPPER."""
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    spatial = len(in_shape) - 2
+    kernel = list(ctx.attr(node, "kernel_shape", None) or ctx.shape(w)[2:])
+    strides = [int(s) for s in ctx.attr(node, "strides", [1] * spatial)]
+    dilations = [int(d) for d in ctx.attr(node, "dilations", [1] * spatial)]
+    group = int(ctx.attr(node, "group", 1))
+    out_pad = list(ctx.attr(node, "output_padding", [0] * spatial))
+    auto_pad = ctx.attr(node, "auto_pad", "NOTSET")
+    pads = ctx.attr(node, "pads")
+    begin = []
+    for d in range(spatial):
+        full = strides[d] * (in_shape[2 + d] - 1) + out_pad[d] + (kernel[d] - 1) * dilations[d] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER") or ctx.attr(node, "output_shape") is not None:
+            total = full - out_shape[2 + d]
+            begin.append(max(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2, 0))
+        elif auto_pad == "VALID" or pads is None:
+            begin.append(0)
+        else:
+            begin.append(int(pads[d]))
+    end = []
+    for d in range(spatial):
+        f = (kernel[d] - 1) * dilations[d] + 1
+        e = strides[d] * (in_shape[2 + d] - 1) + f - out_shape[2 + d] - begin[d]
+        if e < 0 and out_shape[2 + d] + begin[d] - f < strides[d] * (in_shape[2 + d] - 1) + strides[d]:
+            e = 0          # the rows past the last window are dropped by the Conv's floor anyway
+        if e < 0:
+            raise MultisalError(f"ConvTranspose node {node_label(node)!r}: cannot invert its geometry "
+                                f"(input {in_shape}, output {out_shape})")
+        end.append(e)
+    dx = ctx.emit("Conv", [dy, w], kernel_shape=kernel, strides=strides, dilations=dilations, group=group,
+                  pads=begin + end)
+    return dx
