@@ -14,6 +14,7 @@ photo the overlays are drawn on) and, with progression, progression.png and prog
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
