@@ -238,7 +238,6 @@ def test_an_output_folder_holding_someone_elses_report_is_refused(tmp_path, caps
     untouched.check()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders whatever their mode")
 def test_a_read_only_output_folder(tmp_path, capsys):
     a = tmp_path / "a.png"
     photo(a, 16)
@@ -246,6 +245,10 @@ def test_a_read_only_output_folder(tmp_path, capsys):
     out.mkdir()
     out.chmod(0o555)
     try:
+        # Root writes into read-only folders whatever their mode (unless it runs without
+        # CAP_DAC_OVERRIDE): then there is nothing to test.
+        if os.geteuid() == 0 and os.access(out, os.W_OK):
+            pytest.skip("root writes into read-only folders whatever their mode")
         untouched = Untouched(tmp_path)
         expect_error(["explain", a, "--out", out, *FAST], capsys, repr(str(out)), "not writable")
         expect_error(["explain", a, "--out", out / "sub", *FAST], capsys, repr(str(out)), "not writable")
