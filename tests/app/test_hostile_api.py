@@ -214,6 +214,8 @@ def test_images_the_api_is_given(tmp_path):
     os.mkfifo(fifo)
     refused(lambda: load_rgb(str(fifo)), "not a regular file")
     refused(lambda: load_rgb(b"%!PS\n{ } loop\n"), "cannot read image '<bytes>'", "cannot identify image file")
+    refused(lambda: load_rgb(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n{ } loop\n", name="eps.png"),
+            "cannot read image 'eps.png'", "cannot identify image file")
     refused(lambda: load_rgb(np.zeros((4, 4, 3), np.float32)), "uint8", "float32")
     refused(lambda: load_rgb(np.zeros((4, 4, 5), np.uint8)), "(4, 4, 5)")
     refused(lambda: load_rgb(3.0), "cannot use float as an image")
