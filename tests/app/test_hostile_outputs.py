@@ -221,6 +221,7 @@ def test_an_output_folder_that_is_a_file_or_under_a_file(tmp_path, capsys):
     expect_error(["explain", a, "--out", blocker, *FAST], capsys, repr(str(blocker)), "is a file")
     expect_error(["explain", a, "--out", blocker / "deeper" / "out", *FAST], capsys,
                  repr(str(blocker)), "is a file")
+    untouched.check()
     os.symlink(tmp_path / "nowhere", tmp_path / "broken")
     untouched = Untouched(tmp_path)
     expect_error(["explain", a, "--out", tmp_path / "broken", *FAST], capsys, "broken symbolic link")
