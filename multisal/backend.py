@@ -36,6 +36,8 @@ from .objectives import check_objective, check_target
 
 # A call never carries more samples than this, whatever the budget.
 MAX_BATCH = 256
+# The most samples a method's batch_size may ask for in one call (the configuration's bound too).
+MAX_SAMPLES_PER_CALL = 4096
 
 
 @dataclass
@@ -289,6 +291,18 @@ def concatenate_results(parts) -> Result:
         activations={k: cat([p.activations[k] for p in parts]) for k in first.activations},
         gradients={k: cat([p.gradients[k] for p in parts]) for k in first.gradients},
     )
+
+
+def samples_per_call(be, batch_size, sample_shape) -> int:
+    """A method's batch_size keyword as a number of samples per backend call: None for the
+    backend's own batch at this input shape (Backend.batch_size), else an integer 1..MAX_SAMPLES_PER_CALL."""
+    if batch_size is None:
+        return be.batch_size(sample_shape)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or not 1 <= batch_size <= MAX_SAMPLES_PER_CALL:
+        raise MultisalError(f"batch_size={batch_size!r} must be an integer 1..{MAX_SAMPLES_PER_CALL}, or None for "
+                            "as many as the backend's memory budget holds")
+    return int(batch_size)
 
 
 def even_chunks(total: int, step: int):

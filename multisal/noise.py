@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import even_chunks
+from .backend import even_chunks, samples_per_call
 from .errors import MultisalError
 from .maps import add_per_image
 from .objectives import clean_target
@@ -137,15 +137,20 @@ def resolve_sigma(noise_level, sigma, value_range, x: np.ndarray):
     if sigma is not None:
         if noise_level is not DEFAULT_NOISE_LEVEL:
             raise MultisalError(f"give sigma or noise_level, not both (got sigma={sigma}, noise_level={noise_level})")
-        if not float(sigma) >= 0:
-            raise MultisalError(f"sigma={sigma} must be >= 0")
+        if not _is_real(sigma) or not float(sigma) >= 0:
+            raise MultisalError(f"sigma={sigma!r} must be a number >= 0")
         return float(sigma)
-    if not float(noise_level) >= 0:
-        raise MultisalError(f"noise_level={noise_level} must be >= 0")
+    if not _is_real(noise_level) or not float(noise_level) >= 0:
+        raise MultisalError(f"noise_level={noise_level!r} must be a number >= 0")
     if value_range is not None:
         return float(noise_level) * (value_range[1] - value_range[0])
     flat = x.reshape(len(x), -1).astype(np.float64)
     return float(noise_level) * (flat.max(axis=1) - flat.min(axis=1))
+
+
+def _is_real(value) -> bool:
+    """A real number (NaN included, which the range checks then refuse); not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def value_range_of(be, preset):
@@ -171,7 +176,7 @@ def average_over_noise(per_sample, be, x, n=50, noise_level=DEFAULT_NOISE_LEVEL,
         sigma = resolve_sigma(noise_level, sigma, value_range_of(be, preset), x)
     elif sigma is not None:
         raise MultisalError("an explicit noise array is added as it is: do not give sigma with it")
-    step = int(batch_size) if batch_size else be.batch_size(x.shape[1:])
+    step = samples_per_call(be, batch_size, x.shape[1:])
     if isinstance(n, str):
         if n != "auto" or not isinstance(noise, str):
             raise MultisalError(f"n={n!r}: expected a number of samples, or 'auto' with noise 'normal' or 'legacy'")

@@ -41,3 +41,36 @@ class _Picky(torch.nn.Module):
 
 def picky():
     return _Picky().eval()
+
+
+class _NaNOnWhite(torch.nn.Module):
+    """classifier() whose output is NaN for an all-white image (every pixel 1.0 with the "raw"
+    preset) and finite for any other: a model that breaks numerically on one input only."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = classifier()
+
+    def forward(self, x):
+        white = (x.flatten(1) >= 1).all(dim=1, keepdim=True)
+        out = self.net(x)
+        return torch.where(white, torch.full_like(out, float("nan")), out)
+
+
+def nan_on_white():
+    return _NaNOnWhite().eval()
+
+
+class _AlwaysNaN(torch.nn.Module):
+    """classifier() with every output NaN (a NaN weight, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = classifier()
+
+    def forward(self, x):
+        return self.net(x) * float("nan")
+
+
+def always_nan():
+    return _AlwaysNaN().eval()

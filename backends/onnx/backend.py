@@ -157,7 +157,8 @@ class OnnxBackend(Backend):
                     return self._sessions[key]
                 except (MultisalError, OSError):
                     pass   # rebuilt below, and the cache entry replaced
-            grad_model = build_gradient_model(self.model, request, sample_shape, batch=1 if self.batch_one else 2)
+            grad_model = build_gradient_model(self.model, request, sample_shape, batch=1 if self.batch_one else 2,
+                                              source=self.source)
             data = grad_model.SerializeToString()
             self._sessions[key] = self._session(data, what)
             self._cache(path, data)
@@ -183,7 +184,7 @@ class OnnxBackend(Backend):
         key = tuple(sample_shape)
         if key not in self._probes:
             self._check_shape(key)
-            self._probes[key] = probe(self.model, key, 1 if self.batch_one else 2)
+            self._probes[key] = probe(self.model, key, 1 if self.batch_one else 2, self.source)
         return self._probes[key]
 
     # ---- layers -------------------------------------------------------------------------------
@@ -296,7 +297,8 @@ def export_gradient_graph(src, dst, layers=(), objective="logit", input_grad=Tru
             raise MultisalError(f"{src} has a free input size {prepared.input_dims}: give input_shape=(C, H, W)")
         input_shape = prepared.sample_shape
     request = GradientRequest(layers=tuple(layers), input_grad=input_grad, objective=objective, region=region)
-    grad_model = build_gradient_model(prepared.model, request, tuple(input_shape), batch=1 if prepared.batch_one else 2)
+    grad_model = build_gradient_model(prepared.model, request, tuple(input_shape), batch=1 if prepared.batch_one else 2,
+                                      source=prepared.source)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dst, grad_model.SerializeToString())

@@ -100,7 +100,8 @@ def check_model(model, source):
     try:
         onnx.checker.check_model(model)
     except Exception as err:
-        raise MultisalError(f"ONNX model {source!r} is not valid: {str(err).strip().splitlines()[0]}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MultisalError(f"ONNX model {source!r} is not valid: {reason}") from None
 
 
 def static_dims(value_info):

@@ -377,7 +377,9 @@ def _state_dict(path):
     except FileNotFoundError:
         raise MultisalError(f"weights file {path!r} not found") from None
     except Exception as err:
-        raise MultisalError(f"cannot read weights {path!r} as a state dict: {str(err).strip().splitlines()[0]}") from None
+        # An exception may carry no text at all (torch.load of a zero-byte file: a bare EOFError).
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MultisalError(f"cannot read weights {path!r} as a state dict: {reason}") from None
     if not isinstance(state, Mapping):
         raise MultisalError(f"weights {path!r} hold a {type(state).__name__}, not a state dict")
     return state

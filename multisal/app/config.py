@@ -24,7 +24,7 @@ import typing
 from collections.abc import Mapping
 
 from .. import models
-from ..backend import ByteSize
+from ..backend import MAX_SAMPLES_PER_CALL, ByteSize
 from ..errors import MultisalError
 from ..files import read_text
 from ..methods import METHODS
@@ -130,7 +130,7 @@ def _keyword_rules():
     return {
         "objective": choice(*OBJECTIVES),
         "n": integer(1, (MAX_SAMPLES, "noisy samples")), "steps": integer(1, (MAX_STEPS, "path points")),
-        "batch_size": integer(1, (4096, "inputs a call")), "seed": integer(0), "max_n": integer(1, (MAX_SAMPLES, "samples")),
+        "batch_size": integer(1, (MAX_SAMPLES_PER_CALL, "inputs a call")), "seed": integer(0), "max_n": integer(1, (MAX_SAMPLES, "samples")),
         "noise_level": number(0), "sigma": number(0), "eps": number(0),
         "tol": Rule("a number > 0", lambda v: _is_number(v) and v > 0, float),
         "baseline": number(),            # a constant in model space (TOML has no arrays of images)

@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import sys
 
 import numpy as np
@@ -51,6 +52,7 @@ def connect_ray(cfg) -> bool:
     started = not ray.is_initialized()
     if started:
         address = engine.get("address")
+        _check_reachable(address)
         # A cluster started here imports what this process imports (a model factory's module
         # included); a remote cluster needs them installed, or shipped with Ray's runtime_env.
         local = None if address else {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
@@ -69,6 +71,22 @@ def connect_ray(cfg) -> bool:
             raise MultisalError(f"config key 'engine.{key}': {wanted:g} asked for, but the Ray cluster has "
                                 f"{resources.get(resource, 0):g} {resource}s; an actor would wait for ever")
     return started
+
+
+def _check_reachable(address, timeout=5.0):
+    """Refuse, in one line and within seconds, a cluster address nothing answers at: ray.init keeps
+    trying an unreachable GCS for minutes (20 attempts, each with its own timeouts). Only a
+    "[ray://]host:port" address is tried ("auto", "local" and None are Ray's own to resolve)."""
+    if not address:
+        return
+    host, _, port = str(address).split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise MultisalError(f"config key 'engine.address': no Ray cluster answers at {address}: "
+                            f"{err.strerror or err}") from None
 
 
 def run_on_ray(cfg, items, on_record, progress=False, cluster=None, temp_tag=None):

@@ -175,8 +175,13 @@ def _run(config, overrides, progress, resume) -> ExplainRun:
     cfg = load_config(config, overrides)
     output = OutputFolder(cfg["output"])
     output.check()
-    # An input listed twice is explained once; the run's own outputs are never its inputs.
-    sources = [s for s in dict.fromkeys(expand_inputs(cfg["inputs"])) if not _inside(s, output.root)]
+    manifest = Manifest(output.root / MANIFEST)
+    recorded = manifest.load() if output.is_run_folder() else {}
+    # An input listed twice is explained once; the run's own outputs (files in the folders its
+    # manifest recorded) are never its inputs. The user's files beside them are: with `--out .`
+    # the output folder is where the photos are.
+    own = [output.root / r["folder"] for r in recorded.values() if output.is_own_folder(r["folder"])]
+    sources = [s for s in dict.fromkeys(expand_inputs(cfg["inputs"])) if not _inside(s, own)]
     if not sources:
         raise ConfigError("config key 'inputs': no images given; expected image files, globs, folders, "
                           ".txt lists or skimage:NAME (on the command line: multisal explain IMAGE...)")
@@ -184,8 +189,6 @@ def _run(config, overrides, progress, resume) -> ExplainRun:
     engine = cfg.get("engine", {})
     if resume:
         _check_same_job(output, cfg)
-    manifest = Manifest(output.root / MANIFEST)
-    recorded = manifest.load() if output.is_run_folder() else {}
     previous = recorded if resume else {}
     folders = _folders(sources, recorded, output)
     pending = [s for s in sources if not _done(output.root, previous.get(s))]
@@ -239,12 +242,14 @@ def _failed(source, folder, cfg, error) -> dict:
             "backend": cfg["backend"], "methods": {}}
 
 
-def _inside(source, root: Path) -> bool:
-    """Is an input file inside the output folder (a glob that covers it would feed a run its own maps)?"""
-    if source.startswith("skimage:"):
+def _inside(source, folders) -> bool:
+    """Is an input file inside one of these folders (a run's own: a glob that covers them would
+    feed a run its own maps)?"""
+    if source.startswith("skimage:") or not folders:
         return False
     try:
-        return root.resolve() in Path(source).resolve().parents
+        parents = Path(source).resolve().parents
+        return any(folder.resolve() in parents for folder in folders)
     except (OSError, RuntimeError):
         return False
 

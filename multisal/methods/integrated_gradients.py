@@ -6,7 +6,7 @@ default is Gauss-Legendre, offered under the same name as Captum's.
 """
 import numpy as np
 
-from ..backend import check_input, even_chunks
+from ..backend import check_input, even_chunks, samples_per_call
 from ..errors import MultisalError
 from ..maps import add_per_image
 from ..objectives import check_objective, clean_target
@@ -101,7 +101,7 @@ def integrated_gradients(be, x, target=None, baseline=None, steps=50, objective=
     flat_alpha = np.tile(alphas, len(x))
     flat_weight = np.tile(weights, len(x))
     images = np.repeat(np.arange(len(x)), len(alphas))
-    step = int(batch_size) if batch_size else be.batch_size(x.shape[1:])
+    step = samples_per_call(be, batch_size, x.shape[1:])
     for start, stop in progress_bar(even_chunks(len(images), step), desc="integrated_gradients", enabled=progress,
                                     unit="batch"):
         sl = slice(start, stop)

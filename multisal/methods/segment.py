@@ -9,6 +9,10 @@ from ..maps import resize_maps
 
 cv2 = lazy_import("cv2")
 
+# GrabCut converges in a handful of iterations (5 by default); more than this is a typo, and each
+# one costs a pass over every pixel.
+MAX_ITERATIONS = 1000
+
 
 def segment(image, saliency, threshold=0.95, background=0.3, iterations=5, smooth=True):
     r"""Saliency-seeded segmentation (Simonyan et al. 2013): GrabCut seeded by a map's most and least salient pixels.
@@ -36,7 +40,7 @@ def segment(image, saliency, threshold=0.95, background=0.3, iterations=5, smoot
         threshold: the quantile above which pixels are foreground seeds (default 0.95).
         background: the quantile below which pixels are background seeds (default 0.3; needs
             0 <= background < threshold <= 1).
-        iterations: GrabCut's iterations (default 5).
+        iterations: GrabCut's iterations (default 5; 1..1000).
         smooth: blur the map first with a Gaussian of sigma max(1, 2% of the image's longer side)
             (default True), so the quantiles pick regions rather than speckles.
 
@@ -59,7 +63,11 @@ def segment(image, saliency, threshold=0.95, background=0.3, iterations=5, smoot
         raise MultisalError("segment() got a saliency map with NaN or infinite values")
     if sal.min() == sal.max():
         raise MultisalError("segment() got a constant saliency map: no pixel is more salient than another")
-    if not 0 <= background < threshold <= 1:
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
+            or not 1 <= iterations <= MAX_ITERATIONS:
+        raise MultisalError(f"iterations={iterations!r} must be an integer 1..{MAX_ITERATIONS}")
+    if not all(isinstance(q, (int, float, np.number)) and not isinstance(q, bool) for q in (background, threshold)) \
+            or not 0 <= background < threshold <= 1:
         raise MultisalError(f"need 0 <= background ({background}) < threshold ({threshold}) <= 1 (quantiles)")
     h, w = image.shape[:2]
     if sal.shape != (h, w):

@@ -109,13 +109,15 @@ def value_free_tensors(model):
     return free
 
 
-def probe(model, sample_shape, batch):
+def probe(model, sample_shape, batch, source="the model"):
     """Shapes and element types of every tensor, from onnxruntime runs on a zero input; and the
     values of small integer tensors computed from shapes and constants alone that do not change
     with the batch size (pads, shapes and indices computed from the image size), which rules may
     treat as constants.
 
-    Returns (shapes, dtypes, shape_constants); shapes are those of the run at `batch`.
+    Returns (shapes, dtypes, shape_constants); shapes are those of the run at `batch`. `source`
+    is how errors name the model (its file), as a model that onnxruntime cannot load or run
+    fails here first.
     """
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type
@@ -128,14 +130,14 @@ def probe(model, sample_shape, batch):
             if name and name not in known and types.get(name):
                 probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
                 known.add(name)
-    session = runtime.session(probe_model.SerializeToString(), "the model", optimize=False)
+    session = runtime.session(probe_model.SerializeToString(), source, optimize=False)
     inp = graph_input(model)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
     names = [o.name for o in session.get_outputs()]
 
     def run(n):
         feeds = {inp.name: np.zeros((n, *sample_shape), dtype=dtype)}
-        return dict(zip(names, runtime.run(session, feeds, f"the model on an input of shape {(n, *sample_shape)}")))
+        return dict(zip(names, runtime.run(session, feeds, f"{source} on an input of shape {(n, *sample_shape)}")))
 
     values = run(batch)
     # A model with a fixed batch only ever sees that batch; otherwise compare two batch sizes.
@@ -221,13 +223,15 @@ def fold_pads_into_convs(model, ctx, keep=()):
     return result
 
 
-def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sample_shape, batch=2) -> onnx.ModelProto:
-    """A copy of `model` with the objective, the gradients and the activations as extra outputs."""
+def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sample_shape, batch=2,
+                         source="the model") -> onnx.ModelProto:
+    """A copy of `model` with the objective, the gradients and the activations as extra outputs
+    (`source`: how errors name the model)."""
     graph = model.graph
     opset = model_opset(model)
     inp = graph_input(model).name
     output = request.output or graph.output[0].name
-    shapes, dtypes, shape_constants = probe(model, sample_shape, batch)
+    shapes, dtypes, shape_constants = probe(model, sample_shape, batch, source)
     for layer in request.layers:
         if layer not in shapes or layer == inp:
             close = closest_names(layer, [n for n in shapes if len(shapes[n]) == 4])
