@@ -126,6 +126,8 @@ def test_forward_hooks_are_removed(be, x):
     (lambda be, x: ms.fooling_image(be, x, None), "needs a class index"),
     (lambda be, x: ms.class_visualization(be, 1), "needs preset="),
     (lambda be, x: ms.vanilla_gradient(be, x, ms.region(0, box=(0, 0, 2, 2))), "region target needs a dense output"),
+    (lambda be, x: be.run(x, replace={"1": np.zeros((3, 6, 5, 5), np.float32)}),
+     r"replace\['1'\] has shape \(3, 6, 5, 5\); layer '1' gives \(3, 6, 12, 12\) for these inputs"),
     (lambda be, x: ms.load_backend("torch", model="net.pt"), "needs a torch.nn.Module, got str"),
     (lambda be, x: ms.load_backend("torch", model=be.model, device="tpu"), "device 'tpu' is not usable by torch"),
     (lambda be, x: ms.load_backend("torch", model=be.model, memory_budget="lots"), "memory_budget 'lots' is not a size"),
@@ -255,6 +257,21 @@ def test_backend_runs_the_folded_model_and_reports_the_same_maps():
     for layer in ("bn1", "act1", "conv2"):             # asked-for layers keep their own values
         assert_agree(ms.gradcam(folding, x, 1, layer=layer), ms.gradcam(plain, x, 1, layer=layer), tol=1e-5)
     assert all(not m._forward_hooks for name, m in folding.model.named_modules() if name != "bn1")
+
+
+def test_a_replaced_layer_of_a_folded_model_is_the_layer_as_written():
+    # conv1 is kept whole (not folded with bn1), so replacing its output feeds bn1 as in the model.
+    x = np.random.default_rng(2).standard_normal((3, 3, 10, 10)).astype(np.float32)
+    folding = ms.load_backend("torch", model=_conv_bn())
+    net = _conv_bn()
+    replacement = np.random.default_rng(3).standard_normal((3, 6, 10, 10)).astype(np.float32)
+    with torch.no_grad():
+        h = net.act1(net.bn1(torch.from_numpy(replacement)))
+        c = net.conv2(h)
+        expected = net.head(net.bn2(c) + c).numpy()
+    assert_agree(folding.run(x, replace={"conv1": replacement}).outputs, expected)
+    assert not agrees(folding.predict(x), expected)
+    assert all(not m._forward_hooks for m in folding.model.modules())
 
 
 def test_changed_weights_are_folded_anew():
