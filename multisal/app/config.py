@@ -144,6 +144,7 @@ def _keyword_rules():
         "neurons": Rule("a list of [row, col] pairs (integers >= 0)",
                         lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2
                                                               and all(_is_int(i) and i >= 0 for i in p) for p in v)),
+        "center": BOOLEAN,
     }
 
 

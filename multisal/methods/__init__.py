@@ -1,14 +1,19 @@
 """The saliency methods, one file each, written against the backend seam (multisal.backend).
 
 METHODS is the one registration of a method that configurations and the command line run by
-name: a new method is its file plus its line here.
+name: a new method is its file plus its line here (and, if it runs forward passes only, its name
+in FORWARD_ONLY).
 """
+from .eigencam import eigencam
 from .gradcam import gradcam
 from .gradcam_pp import gradcam_pp
+from .hirescam import hirescam
 from .integrated_gradients import integrated_gradients
+from .layercam import layercam
 from .smooth_gradcam_pp import smooth_gradcam_pp
 from .smoothgrad import smoothgrad
 from .vanilla import vanilla_gradient
+from .xgradcam import xgradcam
 
 METHODS = {
     "vanilla_gradient": vanilla_gradient,
@@ -17,4 +22,12 @@ METHODS = {
     "gradcam": gradcam,
     "gradcam_pp": gradcam_pp,
     "smooth_gradcam_pp": smooth_gradcam_pp,
+    "layercam": layercam,
+    "xgradcam": xgradcam,
+    "hirescam": hirescam,
+    "eigencam": eigencam,
 }
+
+# The methods that run forward passes only (no gradient of any kind): they work on every model
+# the backend runs, an ONNX model with an op that has no gradient rule included.
+FORWARD_ONLY = frozenset({"eigencam"})

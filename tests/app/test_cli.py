@@ -4,6 +4,7 @@ state dicts, TorchScript, .onnx), the SmoothGrad progression, help texts and the
 
 Most runs use a tiny random classifier ("tiny_models:classifier", tests/tiny_models.py) at 32x32;
 only the examples test runs EfficientNet-Lite0."""
+import inspect
 import json
 import re
 from pathlib import Path
@@ -23,7 +24,8 @@ from multisal.app.job import PROGRESSION, smoothgrad_progression
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "tiny_models:classifier", "--preset", "raw", "--size", "32", "32"]
-CAM = {"gradcam", "gradcam_pp", "smooth_gradcam_pp"}
+# The methods a run gives a layer: those that take one.
+CAM = {name for name, method in ms.METHODS.items() if "layer" in inspect.signature(method).parameters}
 
 
 def _photo(path, seed):

@@ -135,18 +135,32 @@ def test_gradcam_matches_captum_layer_gradcam(model, be, x):
     assert_agree(actual, expected.detach().numpy()[:, 0])
 
 
-def _pytorch_grad_cam_raw(cam_class, model, x, targets):
+def _pytorch_grad_cam_raw(cam_class, model, x, targets, layer=LAYER):
     """pytorch-grad-cam's raw cam at layer resolution, rebuilt from its own hooks as BaseCAM does
-    (compute_cam_per_layer: get_cam_image, then np.maximum(cam, 0), before scale_cam_image)."""
+    (compute_cam_per_layer: get_cam_image, then np.maximum(cam, 0), before scale_cam_image). The
+    gradient-free classes (EigenCAM, ScoreCAM, AblationCAM) get the activations of a forward pass
+    and make their own passes inside get_cam_image."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    layer = model.features[4]
+    module = dict(model.named_modules())[layer]
     cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
     xt = torch.from_numpy(x)
-    with cam_class(model=model, target_layers=[layer]) as cam:
-        cam(input_tensor=xt, targets=cam_targets)
+    with cam_class(model=model, target_layers=[module]) as cam:
+        if cam.uses_gradients:
+            cam(input_tensor=xt, targets=cam_targets)
+            grads = cam.activations_and_grads.gradients[0].numpy()
+        else:
+            with torch.no_grad():
+                cam.activations_and_grads(xt)
+            grads = None
         acts = cam.activations_and_grads.activations[0].numpy()
-        grads = cam.activations_and_grads.gradients[0].numpy()
-        return np.maximum(cam.get_cam_image(xt, layer, cam_targets, acts, grads), 0)
+        return np.maximum(cam.get_cam_image(xt, module, cam_targets, acts, grads, False), 0)
+
+
+def _torchcam_raw(cam_class, model, x, targets, layer=LAYER):
+    """torch-cam's cam at layer resolution, before its normalisation (ReLU applied, as it does)."""
+    with cam_class(model, layer, input_shape=tuple(x.shape[1:])) as extractor:
+        scores = model(torch.from_numpy(x))
+        return extractor(class_idx=[int(t) for t in targets], scores=scores, normalized=False)[0].detach().numpy()
 
 
 def test_gradcam_matches_pytorch_grad_cam(model, be, x):
@@ -229,6 +243,82 @@ def test_smooth_gradcam_pp_matches_paper_formula(model, be, x, filters, neurons,
     assert actual.shape == expected.shape
     assert expected.any()
     assert_agree(actual, expected, tol=FORMULA)
+
+
+# ---- Layer-CAM, XGrad-CAM, HiResCAM --------------------------------------------------------------
+def test_layercam_matches_pytorch_grad_cam_and_torchcam(model, be, x):
+    from pytorch_grad_cam import LayerCAM
+    from torchcam.methods import LayerCAM as TorchcamLayerCAM
+    actual = ms.layercam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(actual, _pytorch_grad_cam_raw(LayerCAM, model, x, TARGETS))
+    assert_agree(actual, _torchcam_raw(TorchcamLayerCAM, model, x, TARGETS))
+    A, g = torch_layer(model, x, TARGETS)
+    assert_agree(actual, np.maximum((np.maximum(g, 0) * A).sum(axis=1), 0), tol=FORMULA)
+
+
+def test_hirescam_matches_pytorch_grad_cam_and_the_paper(model, be, x):
+    from pytorch_grad_cam import HiResCAM
+    actual = ms.hirescam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(actual, _pytorch_grad_cam_raw(HiResCAM, model, x, TARGETS))
+    A, g = torch_layer(model, x, TARGETS)
+    assert_agree(actual, np.maximum((g * A).sum(axis=1), 0), tol=FORMULA)
+    # The ReLU after the layer makes g vary over positions: here the elementwise product is not Grad-CAM.
+    assert not agrees(actual, ms.gradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False))
+
+
+def paper_xgradcam(A, g):
+    """XGrad-CAM (Fu et al. 2020): w_k = sum_ij A_kij / (sum_ab A_kab) * g_kij."""
+    w = (A / A.sum(axis=(2, 3), keepdims=True) * g).sum(axis=(2, 3))
+    return np.maximum((w[:, :, None, None] * A).sum(axis=1), 0)
+
+
+def test_xgradcam_matches_the_paper_and_with_their_epsilons_the_libraries(model, be, x):
+    from pytorch_grad_cam import XGradCAM
+    from torchcam.methods import XGradCAM as TorchcamXGradCAM
+    A, g = torch_layer(model, x, TARGETS)
+    paper = ms.xgradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(paper, paper_xgradcam(A, g), tol=FORMULA)
+    assert_agree(ms.xgradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, eps=1e-7),
+                 _pytorch_grad_cam_raw(XGradCAM, model, x, TARGETS))
+    assert_agree(ms.xgradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, eps=1e-8),
+                 _torchcam_raw(TorchcamXGradCAM, model, x, TARGETS))
+
+
+# ---- Eigen-CAM ----------------------------------------------------------------------------------
+def paper_eigencam(A, center=False):
+    """Eigen-CAM (Muhammad and Yeasin 2020): O (hw x K) = U S V^T, L = O v_1, with v_1 oriented
+    so that its entries sum to >= 0 (multisal's convention for the SVD's arbitrary sign)."""
+    maps = []
+    for a in A.astype(np.float64):
+        O = a.reshape(len(a), -1).T
+        if center:
+            O = O - O.mean(axis=0)
+        v = np.linalg.svd(O)[2][0]
+        maps.append((O @ (v if v.sum() >= 0 else -v)).reshape(a.shape[1:]))
+    return np.maximum(np.array(maps), 0)
+
+
+def test_eigencam_matches_the_paper_and_centred_pytorch_grad_cam(model, be, x):
+    from pytorch_grad_cam import EigenCAM
+    A, _ = torch_layer(model, x, TARGETS)
+    paper = ms.eigencam(be, x, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(paper, paper_eigencam(A), tol=FORMULA)
+    centred = ms.eigencam(be, x, layer=LAYER, upsample=False, normalize=False, center=True)
+    assert_agree(centred, paper_eigencam(A, center=True), tol=FORMULA)
+    assert not agrees(centred, paper)
+    # pytorch-grad-cam centres and keeps the sign its SVD returns: its map is relu(P) for its
+    # projection P, where multisal's is relu(+-P) with the sign that makes sum_k v_k >= 0, that of
+    # P's inner product with the centred channel sum (sum_k v_k = P . (O 1) / s_1^2, v being an
+    # eigenvector of O^T O). On these three images the SVD's sign is the other one for all three.
+    with EigenCAM(model=model, target_layers=[model.features[4]]) as cam, torch.no_grad():
+        cam.activations_and_grads(torch.from_numpy(x))
+        projection = cam.get_cam_image(None, None, None, cam.activations_and_grads.activations[0].numpy(), None, False)
+    sums = (A - A.mean(axis=(2, 3), keepdims=True)).sum(axis=1)
+    signs = np.sign((projection * sums).sum(axis=(1, 2)))[:, None, None]
+    assert_agree(centred, np.maximum(signs * projection, 0))
+    assert_agree(_pytorch_grad_cam_raw(EigenCAM, model, x, TARGETS), np.maximum(projection, 0))
+    # The map is the same whatever the target: there is no class in it.
+    assert_agree(ms.eigencam(be, x, target=[0, 0, 0], layer=LAYER), ms.eigencam(be, x, layer=LAYER), tol=FORMULA)
 
 
 # ---- SmoothGrad ---------------------------------------------------------------------------------

@@ -126,6 +126,8 @@ def test_forward_hooks_are_removed(be, x):
     (lambda be, x: ms.fooling_image(be, x, None), "needs a class index"),
     (lambda be, x: ms.class_visualization(be, 1), "needs preset="),
     (lambda be, x: ms.vanilla_gradient(be, x, ms.region(0, box=(0, 0, 2, 2))), "region target needs a dense output"),
+    (lambda be, x: ms.eigencam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
+    (lambda be, x: ms.layercam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
     (lambda be, x: be.run(x, replace={"1": np.zeros((3, 6, 5, 5), np.float32)}),
      r"replace\['1'\] has shape \(3, 6, 5, 5\); layer '1' gives \(3, 6, 12, 12\) for these inputs"),
     (lambda be, x: ms.load_backend("torch", model="net.pt"), "needs a torch.nn.Module, got str"),
