@@ -380,3 +380,17 @@ def check_input(x) -> np.ndarray:
         raise MultisalError("inputs contain NaN or infinite values")
     return np.ascontiguousarray(x)
 
+
+def check_baseline(baseline, x) -> np.ndarray:
+    """A method's baseline for inputs x (Integrated Gradients' path start, what Occlusion sets a
+    window to): zeros for None, else a number or an array broadcast to x's shape (read-only)."""
+    if baseline is None:
+        return np.zeros_like(x)
+    try:
+        base = np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+    except ValueError:
+        raise MultisalError(f"baseline of shape {np.shape(baseline)} does not broadcast to the inputs' shape "
+                            f"{x.shape}: give a number, one image (C,H,W) or one per input") from None
+    if not np.isfinite(base).all():
+        raise MultisalError("baseline contains NaN or infinite values")
+    return base

@@ -4,12 +4,16 @@ METHODS is the one registration of a method that configurations and the command 
 name: a new method is its file plus its line here (and, if it runs forward passes only, its name
 in FORWARD_ONLY).
 """
+from .ablationcam import ablationcam
 from .eigencam import eigencam
 from .gradcam import gradcam
 from .gradcam_pp import gradcam_pp
 from .hirescam import hirescam
 from .integrated_gradients import integrated_gradients
 from .layercam import layercam
+from .occlusion import occlusion
+from .rise import rise
+from .scorecam import scorecam
 from .smooth_gradcam_pp import smooth_gradcam_pp
 from .smoothgrad import smoothgrad
 from .vanilla import vanilla_gradient
@@ -26,8 +30,12 @@ METHODS = {
     "xgradcam": xgradcam,
     "hirescam": hirescam,
     "eigencam": eigencam,
+    "scorecam": scorecam,
+    "ablationcam": ablationcam,
+    "occlusion": occlusion,
+    "rise": rise,
 }
 
 # The methods that run forward passes only (no gradient of any kind): they work on every model
 # the backend runs, an ONNX model with an op that has no gradient rule included.
-FORWARD_ONLY = frozenset({"eigencam"})
+FORWARD_ONLY = frozenset({"eigencam", "scorecam", "ablationcam", "occlusion", "rise"})

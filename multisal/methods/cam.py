@@ -1,8 +1,8 @@
 """The CAM base: relu(sum_k w_k A_k), at layer resolution or resized to the input and scaled
 to [0, 1] per image. The methods differ only in where the weights w come from, each a few lines on
 this base: from the layer's gradient (gradcam.py, gradcam_pp.py, smooth_gradcam_pp.py, xgradcam.py;
-elementwise, one weight per activation, in layercam.py and hirescam.py) or from the activations
-alone (eigencam.py).
+elementwise, one weight per activation, in layercam.py and hirescam.py), from the activations alone
+(eigencam.py) or from forward passes of perturbed inputs (scorecam.py, ablationcam.py).
 """
 import numpy as np
 

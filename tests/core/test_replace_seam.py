@@ -76,3 +76,5 @@ def test_a_backend_that_cannot_replace_refuses_in_one_line(x):
     with pytest.raises(ms.MultisalError, match=r"backend 'no-replace' cannot replace a layer's output") as info:
         NoReplace().run(x, replace={"h": np.zeros((5, 6))})
     assert "\n" not in str(info.value)
+    with pytest.raises(ms.MultisalError, match="cannot replace a layer's output"):
+        ms.ablationcam(NoReplace(), x, layer="h")

@@ -1,5 +1,6 @@
-"""The ONNX backend's forward pass with a layer's output replaced: a session of the model cut at
-that tensor, which then is an input, on a model whose gradient graph cannot be built."""
+"""The gradient-free methods on the ONNX backend: forward passes of the model's own graph only, so
+they run on a model whose gradient graph cannot be built, and agree with the torch backend; and
+the forward pass with a layer's output replaced (Ablation-CAM's), a session of the model cut there."""
 import numpy as np
 import onnx
 import pytest
@@ -9,6 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 import multisal as ms
 from helpers import assert_agree
 from multisal.backends.onnx import backend as onnx_backend
+
+# The torch net's layer names and the ONNX graph's tensor names for the same activations.
+LAYERS = {"1": "relu0", "3": "relu1"}
+
 
 def _net():
     torch.manual_seed(0)
@@ -68,6 +73,33 @@ def backends(tmp_path, monkeypatch):
     return bt, bo, tmp_path / "cache"
 
 
+def test_the_models_gradient_graph_cannot_be_built(tmp_path, x):
+    bo = ms.load_backend("onnx", model=_onnx_of(_net()), cache_dir=str(tmp_path))
+    with pytest.raises(ms.MultisalError, match="no gradient rule for op Mod"):
+        ms.vanilla_gradient(bo, x)
+    with pytest.raises(ms.MultisalError, match="no gradient rule for op Mod"):
+        ms.gradcam(bo, x, layer="relu1")
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    (ms.occlusion, dict(window=(3, 12, 12), stride=(3, 10, 10), channel_reduce=None, normalize=False)),
+    (ms.rise, dict(n_masks=40, grid=4, normalize=False)),
+    (ms.scorecam, dict(layer="3", upsample=False, normalize=False)),
+    (ms.ablationcam, dict(layer="3", upsample=False, normalize=False)),
+    (ms.ablationcam, dict(layer="1", upsample=False, normalize=False)),
+    (ms.eigencam, dict(layer="3", upsample=False, normalize=False)),
+])
+def test_forward_only_methods_run_without_a_gradient_graph_and_agree_with_torch(backends, x, method, kwargs):
+    bt, bo, cache = backends
+    expected = method(bt, x, target=[1, 3], **kwargs)
+    onnx_kwargs = dict(kwargs, layer=LAYERS[kwargs["layer"]]) if "layer" in kwargs else kwargs
+    actual = method(bo, x, target=[1, 3], **onnx_kwargs)
+    assert np.abs(expected).max() > 0
+    assert_agree(actual, expected)
+    assert not cache.exists() or not any(cache.iterdir())
+    assert all(key[0] in ("forward", "replace") for key in bo._sessions)
+
+
 def test_a_replaced_layer_is_fed_to_a_session_cut_there(backends, x):
     bt, bo, _ = backends
     A = bt.run(x, layers=["1"]).activations["1"]
@@ -89,3 +121,19 @@ def test_a_path_around_the_cut_keeps_the_models_input(tmp_path, x):
     assert_agree(bo.run(x, replace={"relu1": R}).outputs, expected)
     assert sorted(i.name for i in bo._sessions[("replace", ("relu1",))].get_inputs()) == ["relu1", "x"]
 
+
+def test_explain_runs_the_forward_only_methods_on_a_model_without_gradient_rules(tmp_path):
+    # The job's set-up probes the backward pass only for methods that need one.
+    model = tmp_path / "mod.onnx"
+    onnx.save(_onnx_of(_net()), str(model))
+    config = {"backend": "onnx", "model": str(model), "preset": "raw", "size": [32, 32],
+              "inputs": ["skimage:chelsea"], "output": str(tmp_path / "out"),
+              "onnx": {"cache_dir": str(tmp_path / "cache")},
+              "methods": ["occlusion", "rise", "scorecam", "ablationcam", "eigencam"], "rise": {"n_masks": 20},
+              "scorecam": {"layer": "relu0"}}
+    run = ms.run_explain(config, progress=False)
+    assert run.records[0]["status"] == "ok", run.records[0]["error"]
+    for name in config["methods"]:
+        assert np.load(run.output / run.records[0]["folder"] / f"{name}.npy").shape == (32, 32)
+    with pytest.raises(ms.MultisalError, match="no gradient rule for op Mod"):
+        ms.run_explain({**config, "methods": ["occlusion", "gradcam"]}, progress=False)

@@ -321,6 +321,156 @@ def test_eigencam_matches_the_paper_and_centred_pytorch_grad_cam(model, be, x):
     assert_agree(ms.eigencam(be, x, target=[0, 0, 0], layer=LAYER), ms.eigencam(be, x, layer=LAYER), tol=FORMULA)
 
 
+# ---- Score-CAM ----------------------------------------------------------------------------------
+FULL_RESOLUTION_LAYER = "features.1"   # 32x32 at 32x32 input: no upsampling, so the libraries' differ in nothing else
+
+
+def paper_scorecam(model, x, targets, layer, probability=True, channel_softmax=True):
+    """Score-CAM (Wang et al. 2020, Algorithm 1) in torch: each feature map upsampled (bilinear),
+    min-max scaled, multiplied with the input; weights the softmax over feature maps of the target's
+    score rise over a black (zero) input, or the rises themselves."""
+    A, _ = torch_layer(model, x, targets, layer)
+    at = torch.from_numpy(A)
+    maps = torch.nn.functional.interpolate(at.flatten(0, 1)[:, None], size=x.shape[2:], mode="bilinear",
+                                           align_corners=False)[:, 0]
+    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    masks = torch.where(hi > lo, (maps - lo) / torch.where(hi > lo, hi - lo, 1), 0).reshape(*A.shape[:2], *x.shape[2:])
+
+    def score(inputs, t):
+        with torch.no_grad():
+            out = model(inputs.float()).double()
+        return (out.softmax(1) if probability else out)[:, t]
+
+    xt = torch.from_numpy(x).double()
+    weights = []
+    for i, t in enumerate(targets):
+        rise = score(xt[i] * masks[i][:, None], int(t)) - score(torch.zeros_like(xt[:1]), int(t))
+        weights.append(rise.softmax(0) if channel_softmax else rise)
+    weights = torch.stack(weights).numpy()
+    return np.maximum((weights[:, :, None, None] * A).sum(axis=1), 0)
+
+
+def test_scorecam_logit_matches_pytorch_grad_cam_and_torchcam(model, be, x):
+    from pytorch_grad_cam import ScoreCAM
+    from torchcam.methods import ScoreCAM as TorchcamScoreCAM
+    actual = ms.scorecam(be, x, TARGETS, layer=FULL_RESOLUTION_LAYER, upsample=False, normalize=False,
+                         objective="logit")
+    assert_agree(actual, _pytorch_grad_cam_raw(ScoreCAM, model, x, TARGETS, FULL_RESOLUTION_LAYER))
+    assert_agree(actual, _torchcam_raw(TorchcamScoreCAM, model, x, TARGETS, FULL_RESOLUTION_LAYER))
+
+
+@pytest.mark.parametrize("channel_softmax", [True, False])
+def test_scorecam_matches_the_paper(model, be, x, channel_softmax):
+    actual = ms.scorecam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, channel_softmax=channel_softmax,
+                         batch_size=7)
+    expected = paper_scorecam(model, x, TARGETS, LAYER, channel_softmax=channel_softmax)
+    assert expected.any()
+    assert_agree(actual, expected)
+    logit = ms.scorecam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, objective="logit",
+                        channel_softmax=channel_softmax)
+    assert_agree(logit, paper_scorecam(model, x, TARGETS, LAYER, False, channel_softmax))
+    assert not agrees(logit, actual)   # the probability is not the logit
+
+
+# ---- Ablation-CAM -------------------------------------------------------------------------------
+def paper_ablationcam(model, x, targets, layer):
+    """Ablation-CAM (Desai and Ramaswamy 2020): w_k = (y - y_k) / y, y_k the score with feature map
+    k of the layer set to zero by a forward hook."""
+    A, _ = torch_layer(model, x, targets, layer)
+    module = dict(model.named_modules())[layer]
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        y = model(xt).double().gather(1, torch.from_numpy(targets)[:, None])[:, 0].numpy()
+        drops = np.zeros(A.shape[:2])
+        for k in range(A.shape[1]):
+            def zero(_m, _i, out, k=k):
+                out = out.clone()
+                out[:, k] = 0
+                return out
+            handle = module.register_forward_hook(zero)
+            try:
+                yk = model(xt).double().gather(1, torch.from_numpy(targets)[:, None])[:, 0].numpy()
+            finally:
+                handle.remove()
+            drops[:, k] = (y - yk) / y
+    return np.maximum((drops[:, :, None, None] * A).sum(axis=1), 0)
+
+
+def test_ablationcam_matches_the_paper_and_pytorch_grad_cam(model, be, x):
+    from pytorch_grad_cam import AblationCAM
+    # After a ReLU (the layer's minimum is 0) pytorch-grad-cam zeroes the feature map, as the paper does.
+    after_relu = "features.5"
+    actual = ms.ablationcam(be, x, TARGETS, layer=after_relu, upsample=False, normalize=False, batch_size=5)
+    assert_agree(actual, paper_ablationcam(model, x, TARGETS, after_relu))
+    assert_agree(actual, _pytorch_grad_cam_raw(AblationCAM, model, x, TARGETS, after_relu))
+    # At the conv before that ReLU (negative values) pytorch-grad-cam sets the map to its minimum
+    # - 1e7 rather than 0, which the ReLU after it makes 0 as well.
+    at_conv = ms.ablationcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(at_conv, paper_ablationcam(model, x, TARGETS, LAYER))
+
+
+def test_pytorch_grad_cams_ablation_of_a_signed_layer_is_not_the_papers(x):
+    # A conv whose signed output reaches the pooling and the classifier directly: there
+    # pytorch-grad-cam's minimum - 1e7 is not the paper's zero, and its weights are another's.
+    from pytorch_grad_cam import AblationCAM
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    be = ms.load_backend("torch", model=net)
+    ours = ms.ablationcam(be, x, TARGETS, layer="2", upsample=False, normalize=False)
+    assert_agree(ours, paper_ablationcam(net, x, TARGETS, "2"))
+    assert not agrees(ours, _pytorch_grad_cam_raw(AblationCAM, net, x, TARGETS, "2"))
+
+
+# ---- Occlusion ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("window, stride, baseline", [
+    ((3, 16, 16), (3, 8, 8), 0.0),
+    ((1, 10, 12), (1, 7, 9), 0.5),      # windows that overhang the edge, one channel at a time
+])
+def test_occlusion_matches_captum(model, be, x, window, stride, baseline):
+    from captum.attr import Occlusion
+    expected = Occlusion(model).attribute(torch.from_numpy(x), sliding_window_shapes=window, strides=stride,
+                                          baselines=baseline, target=torch.from_numpy(TARGETS),
+                                          perturbations_per_eval=8).detach().numpy()
+    actual = ms.occlusion(be, x, TARGETS, window=window, stride=stride, baseline=baseline, channel_reduce=None,
+                          normalize=False)
+    assert_agree(actual, expected)
+    assert_agree(ms.occlusion(be, x, TARGETS, window=window, stride=stride, baseline=baseline),
+                 scale_01(expected.mean(axis=1)), tol=FORMULA)
+
+
+# ---- RISE ---------------------------------------------------------------------------------------
+def test_rise_masks_are_the_released_codes(x):
+    """The paper's code (eclique/RISE, generate_masks): each binary grid resized with skimage
+    (order=1, mode="reflect", anti_aliasing=False) to (s + 1) * ceil(H / s) pixels a side, then
+    cropped at the mask's shift."""
+    from skimage.transform import resize
+    from multisal.methods.rise import RiseMasks, rise_masks
+    for size, grid in (((32, 32), 7), ((30, 44), 5)):
+        draws = RiseMasks(size, 20, grid, 0.5, seed=3)
+        cell = np.ceil(np.array(size) / grid).astype(int)
+        expected = np.stack([resize(g, (grid + 1) * cell, order=1, mode="reflect", anti_aliasing=False)
+                             [dy:dy + size[0], dx:dx + size[1]] for g, (dy, dx) in zip(draws.grids, draws.shifts)])
+        masks = rise_masks(size, 20, grid, 0.5, seed=3)
+        assert_agree(masks, expected, tol=FORMULA)
+        assert 0.3 < draws.grids.mean() < 0.7 and len({tuple(s) for s in draws.shifts}) > 1
+    assert not agrees(rise_masks((32, 32), 20, 7, 0.5, seed=4), rise_masks((32, 32), 20, 7, 0.5, seed=3))
+
+
+def test_rise_matches_the_paper_formula_on_its_masks(model, be, x):
+    from multisal.methods.rise import rise_masks
+    n, p = 64, 0.3
+    masks = rise_masks(x.shape[2:], n, grid=4, p=p, seed=1)
+    with torch.no_grad():
+        probs = torch.stack([model(torch.from_numpy(x[i] * masks[:, None])).double().softmax(1)[:, t]
+                             for i, t in enumerate(TARGETS)]).numpy()        # (images, masks)
+    expected = np.einsum("im,mhw->ihw", probs, masks) / (n * p)
+    actual = ms.rise(be, x, TARGETS, n_masks=n, grid=4, p=p, seed=1, normalize=False, batch_size=10)
+    assert_agree(actual, expected)
+    assert_agree(ms.rise(be, x, TARGETS, n_masks=n, grid=4, p=p, seed=1), scale_01(expected), tol=FORMULA)
+    assert not agrees(ms.rise(be, x, TARGETS, n_masks=n, grid=4, p=p, seed=2, normalize=False), expected)
+
+
 # ---- SmoothGrad ---------------------------------------------------------------------------------
 def test_smoothgrad_explicit_noise(model, be, x):
     noise = noise_array(4, x.shape[1:], 0.5, 11)
