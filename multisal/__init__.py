@@ -1,4 +1,4 @@
-"""multisal: gradient saliency for PyTorch, ONNX and Chainer models, written once in NumPy.
+"""multisal: saliency for PyTorch, ONNX and Chainer models, written once in NumPy.
 
 `import multisal` imports the backend-neutral core only (NumPy): no framework, no OpenCV, Pillow
 or tqdm, and none of the application (multisal.app). The application's entry points and the ONNX
@@ -9,15 +9,23 @@ import importlib
 from .backend import Backend, ByteSize, Result
 from .errors import MissingFrameworkError, MultisalError
 from .methods import METHODS
+from .methods.ablationcam import ablationcam
 from .methods.class_visualization import class_visualization
+from .methods.eigencam import eigencam
 from .methods.fooling import fooling_image
 from .methods.gradcam import gradcam
 from .methods.gradcam_pp import gradcam_pp
+from .methods.hirescam import hirescam
 from .methods.integrated_gradients import integrated_gradients
+from .methods.layercam import layercam
+from .methods.occlusion import occlusion
+from .methods.rise import rise
+from .methods.scorecam import scorecam
 from .methods.segment import segment
 from .methods.smooth_gradcam_pp import smooth_gradcam_pp
 from .methods.smoothgrad import smoothgrad
 from .methods.vanilla import vanilla_gradient
+from .methods.xgradcam import xgradcam
 from .noise import smooth
 from .objectives import ARGMAX_PER_SAMPLE, OBJECTIVES, Region, region
 from .presets import Preset, get_preset
@@ -56,5 +64,6 @@ __all__ = [
     "MissingFrameworkError", "get_preset", "Preset", "region", "Region", "ARGMAX_PER_SAMPLE", "load_config",
     "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc", "OBJECTIVES", "METHODS",
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",
+    "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise",
     "smooth", "fooling_image", "class_visualization", "segment",
 ]

@@ -10,13 +10,18 @@ Every backend must:
   gradient, so nothing below its layer is differentiated),
 - never compute parameter gradients.
 
+One more request is forward-only: `run(x, replace={layer: array})` gives the outputs of a pass in
+which each named layer's output is the array given instead of what the layer computed (one row per
+input). Ablation-CAM asks for it, to see the score with one feature map zeroed. A backend that
+can do this implements `_run_replaced`; the others refuse in one line.
+
 A subclass implements `_run`, `layer_names`, `candidate_layers`, `sample_bytes` and, where its
-models declare one, `sample_shape`; this class does the rest once for all of them: input checks,
-chunking a batch by the memory budget, the default layer, closest-name hints for unknown layers,
-and a check of every Result it returns. It also declares what the registry, the configuration
-and the engines need to know (multisal.registry): its name, the framework it imports and how to
-install it, its options (its __init__'s keywords), how it opens a model from a configuration and
-how a worker sets its thread count.
+models declare one, `sample_shape` (and `_run_replaced` where it can); this class does the rest
+once for all of them: input checks, chunking a batch by the memory budget, the default layer,
+closest-name hints for unknown layers, and a check of every Result it returns. It also declares
+what the registry, the configuration and the engines need to know (multisal.registry): its name,
+the framework it imports and how to install it, its options (its __init__'s keywords), how it
+opens a model from a configuration and how a worker sets its thread count.
 """
 from __future__ import annotations
 
@@ -25,14 +30,14 @@ import inspect
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .errors import MissingFrameworkError, MultisalError
 from .frameworks import available
 from .modelspec import call_factory, model_kind
-from .objectives import check_objective, check_target
+from .objectives import check_objective, check_target, target_rows
 
 # A call never carries more samples than this, whatever the budget.
 MAX_BATCH = 256
@@ -78,6 +83,13 @@ class Backend:
     def _run(self, x, objective, target, layers, input_grad) -> Result:
         raise NotImplementedError
 
+    def _run_replaced(self, x, replace) -> Result:
+        """One forward pass over x in which the output of each layer named in `replace` is
+        replace[layer] (float, one row per input) instead of what the layer computes; Result.outputs
+        only. The backend checks the names (as it spells them) and the shapes against its layers.
+        Backends that cannot do this leave it as it is."""
+        raise NotImplementedError
+
     def layer_names(self) -> list:
         """Every layer name a call may ask for."""
         raise NotImplementedError
@@ -103,12 +115,17 @@ class Backend:
 
     # ---- done here for every backend --------------------------------------------------------------
     def run(self, x: np.ndarray, objective: Optional[str] = None, target=None,
-            layers: Sequence[str] = (), input_grad: bool = False) -> Result:
+            layers: Sequence[str] = (), input_grad: bool = False,
+            replace: Optional[Mapping[str, np.ndarray]] = None) -> Result:
         """One pass over x. With objective None only outputs and activations are returned.
 
         target: an int64 array (N,), ARGMAX_PER_SAMPLE (chosen from this pass's output) or a Region.
+        replace: {layer: array with one row per input}: a forward-only pass (no objective, layers
+        or input gradient) in which those layers output the arrays given (see the module docstring).
         """
         x = check_input(x)
+        if replace is not None:
+            return self._replaced(x, objective, layers, input_grad, replace)
         if objective is not None:
             check_objective(objective)
             target = check_target(target, len(x))
@@ -123,10 +140,44 @@ class Backend:
         parts = []
         for start, stop in even_chunks(len(x), step):
             sl = slice(start, stop)
-            part_target = target[sl] if isinstance(target, np.ndarray) else target
+            part_target = target_rows(target, sl)
             parts.append(self.check_result(self._run(x[sl], objective, part_target, layers, input_grad), x[sl],
                                            objective, layers, input_grad))
         return concatenate_results(parts)
+
+    @property
+    def replaces_layers(self) -> bool:
+        """Whether run(x, replace=...) works on this backend (its class implements _run_replaced)."""
+        return type(self)._run_replaced is not Backend._run_replaced
+
+    def check_replaces_layers(self) -> None:
+        """One line naming this backend when run(..., replace=...) does not work on it."""
+        if not self.replaces_layers:
+            raise MultisalError(f"backend {self.name!r} cannot replace a layer's output in a forward pass "
+                                "(run(..., replace=...)), which Ablation-CAM needs")
+
+    def _replaced(self, x, objective, layers, input_grad, replace) -> Result:
+        """run() with `replace`: checked here once, then run in chunks by the memory budget."""
+        self.check_replaces_layers()
+        if objective is not None or input_grad or list(layers):
+            raise MultisalError("run(..., replace=...) is a forward pass only: give no objective, input_grad "
+                                "or layers with it")
+        if not isinstance(replace, Mapping) or not replace:
+            raise MultisalError(f"replace must map layer names to arrays, got {replace!r}")
+        values = {}
+        for name, value in replace.items():
+            if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim == 0 \
+                    or len(value) != len(x):
+                raise MultisalError(f"replace[{name!r}] must be a float array with one row per input ({len(x)}), "
+                                    f"got {getattr(value, 'shape', type(value).__name__)}")
+            if not np.isfinite(value).all():   # else the outputs' check would blame the model
+                raise MultisalError(f"replace[{name!r}] holds NaN or infinite values")
+            values[name] = np.ascontiguousarray(value)
+        parts = []
+        for start, stop in even_chunks(len(x), self.batch_size(x.shape[1:])):
+            part = self._run_replaced(x[start:stop], {k: v[start:stop] for k, v in values.items()})
+            parts.append(self.check_result(part, x[start:stop], None, [], False))
+        return parts[0] if len(parts) == 1 else concatenate_results(parts)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Model outputs only (no backward)."""
@@ -342,3 +393,18 @@ def check_input(x) -> np.ndarray:
     if not np.isfinite(x).all():
         raise MultisalError("inputs contain NaN or infinite values")
     return np.ascontiguousarray(x)
+
+
+def check_baseline(baseline, x) -> np.ndarray:
+    """A method's baseline for inputs x (Integrated Gradients' path start, what Occlusion sets a
+    window to): zeros for None, else a number or an array broadcast to x's shape (read-only)."""
+    if baseline is None:
+        return np.zeros_like(x)
+    try:
+        base = np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+    except ValueError:
+        raise MultisalError(f"baseline of shape {np.shape(baseline)} does not broadcast to the inputs' shape "
+                            f"{x.shape}: give a number, one image (C,H,W) or one per input") from None
+    if not np.isfinite(base).all():
+        raise MultisalError("baseline contains NaN or infinite values")
+    return base

@@ -32,7 +32,7 @@ import numpy as np
 from .backend import even_chunks, samples_per_call
 from .errors import MultisalError
 from .maps import add_per_image
-from .objectives import clean_target
+from .objectives import clean_target, target_rows
 from .presets import get_preset
 from .progress import progress_bar
 
@@ -300,7 +300,7 @@ def smooth(method, be, x, n=50, noise_level=DEFAULT_NOISE_LEVEL, sigma=None, noi
     target = clean_target(be, x, target)
 
     def per_sample(noisy, images):
-        return np.asarray(method(be, noisy, target=target[images] if isinstance(target, np.ndarray) else target,
+        return np.asarray(method(be, noisy, target=target_rows(target, images),
                                  **method_kwargs))
 
     name = getattr(method, "__name__", "method")

@@ -132,10 +132,19 @@ class NumpyOps:
 
 
 def objective_from_scores(scores: np.ndarray, objective: str, target) -> np.ndarray:
-    """The objective of each sample of a classifier's scores (N, classes), in float64 NumPy."""
+    """The objective of each sample of a model's outputs, in float64 NumPy, for a backend target:
+    class indices or ARGMAX_PER_SAMPLE on (N, classes) scores, or a Region of a dense output. The
+    gradient-free methods read their scores off forward passes with it."""
     s = np.asarray(scores, dtype=np.float64)
-    weights, _ = class_weights(NumpyOps, s, target)
-    return objective_terms(NumpyOps, s, weights, objective, 1).sum(axis=1)
+    weights, _, axis = target_weights(NumpyOps, s, target)
+    return objective_terms(NumpyOps, s, weights, objective, axis).reshape(len(s), -1).sum(axis=1)
+
+
+def target_rows(target, images):
+    """A backend target for rows made from images `images` (one image index per row, or a slice):
+    each row's class where there is one per image, else the target as it is (ARGMAX_PER_SAMPLE, a
+    Region)."""
+    return target[images] if isinstance(target, np.ndarray) else target
 
 
 # ---- targets --------------------------------------------------------------------------------------

@@ -157,7 +157,6 @@ def onnx_classifier(nodes=(), initializers=(), opset=17, input_type=None, extra_
     """A tiny ONNX classifier, input "input" (N,3,8,8): Conv (3 -> 2 channels) -> Relu ->
     [`nodes`, reading and writing `last`] -> GlobalAveragePool -> Flatten -> "logits" (N, 2).
     `nodes` are extra onnx.helper nodes spliced in before the pooling."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

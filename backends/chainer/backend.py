@@ -82,6 +82,30 @@ def _recorder(names_by_id, wanted=None):
     return Recorder()
 
 
+def _replacer(names_by_id, values, device):
+    """A chainer.LinkHook that overwrites, in place, the output Variable of each named sub-link with
+    values[name] (a LinkHook cannot substitute the Variable a link returns, but in a pass without
+    backprop the array it holds may be written before anything downstream reads it)."""
+    class Replacer(chainer.LinkHook):
+        name = "multisal_replacer"
+
+        def __init__(self):
+            self.replaced = set()
+
+        def forward_postprocess(self, args):
+            name = names_by_id.get(id(args.link))
+            if name is None:
+                return
+            out, value = args.out, values[name]
+            if not isinstance(out, chainer.Variable) or tuple(out.shape) != value.shape:
+                raise MultisalError(f"replace[{name!r}] has shape {value.shape}; layer {name!r} gives "
+                                    f"{tuple(getattr(out, 'shape', ()))} for these inputs")
+            out.array[...] = device.send(value.astype(out.dtype, copy=False))
+            self.replaced.add(name)
+
+    return Replacer()
+
+
 @register_backend
 class ChainerBackend(Backend):
     name = "chainer"
@@ -285,6 +309,29 @@ class ChainerBackend(Backend):
             grads = grads[1:]
         result.gradients = {n: _to_numpy(g.array) for n, g in zip(layers, grads)}
         return result
+
+    def _run_replaced(self, x, replace):
+        """A pass without backprop in which a LinkHook overwrites the replaced sub-links' outputs:
+        models of the third kind only (a Link returning one Variable, its layers its sub-links)."""
+        if self.kind is None:
+            self._trace(x.shape[1:])   # the first forward pass tells which kind of model this is
+        if self.kind != "variable":
+            raise MultisalError(f"the chainer backend cannot replace a layer's output in {self._model_name}, whose "
+                                "layers are computed inside one call: it replaces the outputs of the sub-links of a "
+                                "Link returning one Variable")
+        values = {self._canonical(n): v for n, v in replace.items()}
+        for name in values:
+            if name not in self._links:
+                raise self.unknown_layer(name)
+        hook = _replacer({id(self._links[name]): name for name in values}, values, self.device)
+        with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
+            xv = chainer.Variable(self.device.send(x), requires_grad=False)
+            with hook, self._explained(x.shape):
+                out = self.model(xv)
+        missing = [name for name in values if name not in hook.replaced]
+        if missing:
+            raise MultisalError(f"layer {missing[0]!r} did not run in the forward pass")
+        return Result(outputs=_to_numpy(out.array))
 
     def _objective(self, out, objective, target):
         """The sum over the batch of each sample's objective (samples stay independent in eval mode)."""

@@ -19,9 +19,9 @@ from typing import Annotated, List, Optional
 import numpy as np
 
 from multisal.backend import Backend, ByteSize, Result, concatenate_results, parse_bytes
-from multisal.errors import MissingFrameworkError, MultisalError
+from multisal.errors import MultisalError
 from multisal.files import is_regular_file, write_atomic
-from multisal.frameworks import available, lazy_import
+from multisal.frameworks import lazy_import
 from multisal.modelspec import call_factory, model_kind
 from multisal.objectives import Region, check_objective, check_target_range, is_argmax_per_sample
 from multisal.registry import register_backend
@@ -278,6 +278,77 @@ class OnnxBackend(Backend):
         values = runtime.run(session, {self.input_name: x}, self.source)
         n_out = len(self.model.graph.output)
         return Result(outputs=values[0], activations=dict(zip(layers, values[n_out:])))
+
+    def _run_replaced(self, x, replace):
+        """The model's own forward graph cut at the replaced tensors, which become inputs fed with
+        the arrays given; what computed only them is left out (one session per set of tensors)."""
+        self._check_shape(x.shape[1:])
+        self.check_layers(replace)
+        if self.batch_one and len(x) > 1:
+            return concatenate_results([self._run_replaced(x[i:i + 1], {k: v[i:i + 1] for k, v in replace.items()})
+                                        for i in range(len(x))])
+        shapes, dtypes, _ = self._probe(x.shape[1:])
+        feeds = {}
+        for name, value in replace.items():
+            if value.shape[1:] != shapes[name][1:]:
+                raise MultisalError(f"replace[{name!r}] has shape {value.shape}; layer {name!r} gives "
+                                    f"{('N', *shapes[name][1:])} for these inputs")
+            feeds[name] = value.astype(helper.tensor_dtype_to_np_dtype(dtypes[name]), copy=False)
+        key = ("replace", tuple(sorted(replace)))
+        if key not in self._sessions:
+            cut = cut_at(self.model, sorted(replace), shapes, dtypes)
+            what = f"{self.source} cut at {', '.join(sorted(replace))}"
+            self._sessions[key] = self._session(cut.SerializeToString(), what)
+        session = self._sessions[key]
+        if self.input_name in {i.name for i in session.get_inputs()}:
+            feeds[self.input_name] = x
+        values = runtime.run(session, feeds, self.source)
+        return Result(outputs=values[0])
+
+
+def cut_at(model, names, shapes, dtypes):
+    """A copy of `model` in which the tensors `names` are graph inputs: their producers' outputs are
+    renamed out of the way, and every node no graph output needs is dropped, so nothing that only
+    computed a replaced tensor runs. The model's input stays only where a path to an output
+    bypasses the cut (a skip connection around it)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    graph = m.graph
+    cut = set(names)
+    for node in graph.node:
+        for i, out in enumerate(node.output):
+            if out in cut:
+                node.output[i] = f"multisal_cut:{out}"
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if needed & set(node.output):
+            kept.append(node)
+            needed.update(_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    consumed = {name for node in graph.node for name in _reads(node)} | {o.name for o in graph.output}
+    inputs = [i for i in graph.input if i.name in consumed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    graph.input.extend(helper.make_tensor_value_info(name, dtypes[name], ["N", *shapes[name][1:]]) for name in names)
+    # Shapes recorded for the cut tensors describe node outputs that are now graph inputs.
+    info = [v for v in graph.value_info if v.name not in cut]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+    return m
+
+
+def _reads(node):
+    """The tensors a node reads: its inputs, and those its subgraphs (If, Loop, Scan bodies) read,
+    which may be outer tensors the node's own inputs do not list."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.extend(_reads(inner))
+    return names
 
 
 def export_gradient_graph(src, dst, layers=(), objective="logit", input_grad=True, input_shape=None, region=False):

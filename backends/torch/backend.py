@@ -319,6 +319,42 @@ class TorchBackend(Backend):
         result.gradients = {n: g.cpu().numpy() for n, g in zip(layers, grads)}
         return result
 
+    def _run_replaced(self, x, replace):
+        """A forward pass without autograd in which a forward hook returns each replaced layer's
+        array in place of its output (torch passes a hook's return value on downstream)."""
+        replaced = set()
+
+        def substitute(name, value):
+            def hook(_module, _inputs, output):
+                if not isinstance(output, torch.Tensor):
+                    raise MultisalError(f"layer {name!r} returns {type(output).__name__}, not a tensor")
+                if tuple(output.shape) != value.shape:
+                    raise MultisalError(f"replace[{name!r}] has shape {value.shape}; layer {name!r} gives "
+                                        f"{tuple(output.shape)} for these inputs")
+                replaced.add(name)
+                # empty_like keeps the output's device, dtype and memory format (channels_last).
+                return torch.empty_like(output).copy_(torch.from_numpy(value))
+            return hook
+
+        model = self._model_for(list(replace), x)
+        handles = [self._module(name).register_forward_hook(substitute(name, value)) for name, value in replace.items()]
+        try:
+            with torch.no_grad(), self._explained(x.shape):
+                xt = torch.from_numpy(x).to(self.device)
+                if self.channels_last:
+                    xt = xt.contiguous(memory_format=torch.channels_last)
+                out = model(xt)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [name for name in replace if name not in replaced]
+        if missing:
+            raise MultisalError(f"layer {missing[0]!r} did not run in the forward pass")
+        if not isinstance(out, torch.Tensor):
+            raise MultisalError(f"{type(self.model).__name__} returns {type(out).__name__}; "
+                                "the torch backend needs a model whose output is one tensor")
+        return Result(outputs=out.cpu().numpy())
+
 
 class _TorchOps:
     """The objective's operations (multisal.objectives) on torch tensors."""

@@ -27,9 +27,10 @@ from .. import models
 from ..backend import MAX_SAMPLES_PER_CALL, ByteSize
 from ..errors import MultisalError
 from ..files import read_text
-from ..methods import METHODS
+from ..methods import DEFAULT_METHODS, METHODS
 from ..methods.integrated_gradients import MAX_STEPS
 from ..methods.integrated_gradients import METHODS as PATHS
+from ..methods.rise import MAX_MASKS
 from ..modelspec import model_kind
 from ..noise import MAX_SAMPLES
 from ..objectives import ARGMAX_PER_SAMPLE, OBJECTIVES
@@ -112,6 +113,8 @@ def text_list(allowed="a list of non-empty strings"):
 
 SIZE = Rule("[height, width], integers 1..8192",
             lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(d) and 1 <= d <= 8192 for d in v))
+WINDOW = Rule("[channels, height, width], integers 1..8192",
+              lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(d) and 1 <= d <= 8192 for d in v))
 # A byte count, or a string such as "2GiB" (the backends parse it).
 MEMORY = Rule('a number of bytes >= 1 or a size such as "2GiB"',
               lambda v: (_is_int(v) and v >= 1) or (isinstance(v, str) and re.fullmatch(r"\s*[\d.]+\s*[KMG]?i?B\s*", v, re.I)))
@@ -144,6 +147,12 @@ def _keyword_rules():
         "neurons": Rule("a list of [row, col] pairs (integers >= 0)",
                         lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2
                                                               and all(_is_int(i) and i >= 0 for i in p) for p in v)),
+        "center": BOOLEAN, "channel_softmax": BOOLEAN,
+        # Occlusion's window and its step, (channels, height, width). How many windows an image gets
+        # depends on its size too, which is known only when it runs: the method bounds that count.
+        "window": WINDOW, "stride": WINDOW,
+        "n_masks": integer(1, (MAX_MASKS, "masks")), "grid": integer(1, (8192, "cells a side")),
+        "p": Rule("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1, float),
     }
 
 
@@ -374,7 +383,7 @@ def _with_defaults(cfg, top, tables):
     defaults = {
         "backend": "torch", "model": DEFAULT_MODEL, "preset": preset,
         "size": list(get_preset(preset).size), "inputs": [], "output": DEFAULT_OUTPUT,
-        "methods": list(METHODS), "target": "auto", "progression": False,
+        "methods": list(DEFAULT_METHODS), "target": "auto", "progression": False,
     }
     # Schema order, so the config.toml a run writes reads the same way every time.
     out = {k: cfg[k] if k in cfg else defaults[k] for k in top if k in cfg or k in defaults}

@@ -28,7 +28,7 @@ from ..backend import closest_names
 from ..errors import MultisalError
 from ..files import DEFAULT_TAG, read_text
 from ..frameworks import lazy_import
-from ..methods import METHODS
+from ..methods import FORWARD_ONLY, METHODS
 from ..methods.smoothgrad import smoothgrad
 from ..methods.vanilla import gradient_map
 from ..noise import average_over_noise
@@ -89,8 +89,9 @@ class Job:
         """Run the model on a blank input before any output is written; return its number of classes.
 
         A forward pass: the model runs at this size, the CAM layers give 4-D activations, the output
-        is (N, classes). A backward pass: the model is differentiable here (for ONNX: every op has a
-        gradient rule), and one-off kernel set-up is not billed to the first image's first method.
+        is (N, classes). A backward pass, unless every method runs forward passes only: the model is
+        differentiable here (for ONNX: every op has a gradient rule), and one-off kernel set-up is
+        not billed to the first image's first method.
         """
         blank = np.zeros((1, *shape), np.float32)
         probe = self.backend.run(blank, layers=sorted(layers))
@@ -101,7 +102,8 @@ class Job:
         if probe.outputs.ndim != 2:
             raise MultisalError(f"explain needs a classifier (output (N, classes)); {self.config['model']!r} "
                                 f"gives shape {probe.outputs.shape}")
-        self.backend.run(blank, "logit", np.zeros(1, np.int64), input_grad=True)
+        if self.config["progression"] or any(name not in FORWARD_ONLY for name in self.methods):
+            self.backend.run(blank, "logit", np.zeros(1, np.int64), input_grad=True)
         return probe.outputs.shape[1]
 
     def explain_one(self, source, folder) -> dict:

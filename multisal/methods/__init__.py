@@ -1,14 +1,23 @@
 """The saliency methods, one file each, written against the backend seam (multisal.backend).
 
 METHODS is the one registration of a method that configurations and the command line run by
-name: a new method is its file plus its line here.
+name: a new method is its file plus its line here (and, if it runs forward passes only, its name
+in FORWARD_ONLY).
 """
+from .ablationcam import ablationcam
+from .eigencam import eigencam
 from .gradcam import gradcam
 from .gradcam_pp import gradcam_pp
+from .hirescam import hirescam
 from .integrated_gradients import integrated_gradients
+from .layercam import layercam
+from .occlusion import occlusion
+from .rise import rise
+from .scorecam import scorecam
 from .smooth_gradcam_pp import smooth_gradcam_pp
 from .smoothgrad import smoothgrad
 from .vanilla import vanilla_gradient
+from .xgradcam import xgradcam
 
 METHODS = {
     "vanilla_gradient": vanilla_gradient,
@@ -17,4 +26,21 @@ METHODS = {
     "gradcam": gradcam,
     "gradcam_pp": gradcam_pp,
     "smooth_gradcam_pp": smooth_gradcam_pp,
+    "layercam": layercam,
+    "xgradcam": xgradcam,
+    "hirescam": hirescam,
+    "eigencam": eigencam,
+    "scorecam": scorecam,
+    "ablationcam": ablationcam,
+    "occlusion": occlusion,
+    "rise": rise,
 }
+
+# The methods that run forward passes only (no gradient of any kind): they work on every model
+# the backend runs, an ONNX model with an op that has no gradient rule included.
+FORWARD_ONLY = frozenset({"eigencam", "scorecam", "ablationcam", "occlusion", "rise"})
+
+# Methods whose perturbations cost hundreds to thousands of forward passes per image: a run
+# explains them only when its configuration names them; DEFAULT_METHODS is every other one.
+ON_REQUEST = frozenset({"scorecam", "ablationcam", "occlusion", "rise"})
+DEFAULT_METHODS = tuple(name for name in METHODS if name not in ON_REQUEST)

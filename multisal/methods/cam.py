@@ -1,9 +1,8 @@
-"""The shared base of the class activation maps weighted by gradients (Grad-CAM and its family).
-
-Every such map has one shape: take the activation A (N,K,h,w) of a layer and per-channel weights
-w (N,K), and return relu(sum_k w_k A_k), at layer resolution or resized to the input and scaled
-to [0, 1] per image. The methods differ only in how w comes from the gradients; each is a few
-lines on this base (gradcam.py, gradcam_pp.py, smooth_gradcam_pp.py).
+"""The CAM base: relu(sum_k w_k A_k), at layer resolution or resized to the input and scaled
+to [0, 1] per image. The methods differ only in where the weights w come from, each a few lines on
+this base: from the layer's gradient (gradcam.py, gradcam_pp.py, smooth_gradcam_pp.py, xgradcam.py;
+elementwise, one weight per activation, in layercam.py and hirescam.py), from the activations alone
+(eigencam.py) or from forward passes of perturbed inputs (scorecam.py, ablationcam.py).
 """
 import numpy as np
 
@@ -34,12 +33,25 @@ def layer_pass(be, x, target, layer, objective):
     return A, res.gradients[layer]
 
 
+def activation_pass(be, x, layer):
+    """One forward pass on the clean input, no gradient: (the CAM layer's name, its activation A, the
+    outputs)."""
+    x = check_input(x)
+    layer = cam_layer(be, x, layer)
+    res = be.run(x, layers=[layer])
+    A = res.activations[layer]
+    check_4d(layer, A)
+    return layer, A, res.outputs
+
+
 def finish(A, weights, x_shape, upsample, normalize, filters=None, mask=None):
-    """relu(sum_k w_k A_k), or one relu(w_k A_k) per filter; then resize and scale as asked."""
+    """relu(sum_k w_k A_k), or one relu(w_k A_k) per filter; then resize and scale as asked.
+    weights is (N,K), one per feature map, or (N,K,h,w), one per activation (Layer-CAM, HiResCAM)."""
     if mask is not None:
         A = A * mask
+    elementwise = weights.ndim == 4
     if filters is None:
-        cams = np.maximum(np.einsum("nk,nkhw->nhw", weights, A), 0)
+        cams = np.maximum(np.einsum("nkhw,nkhw->nhw" if elementwise else "nk,nkhw->nhw", weights, A), 0)
     else:
         K = A.shape[1]
         if len(filters) == 0:
@@ -47,7 +59,8 @@ def finish(A, weights, x_shape, upsample, normalize, filters=None, mask=None):
         bad = [k for k in filters if not 0 <= k < K]
         if bad:
             raise MultisalError(f"filter {bad[0]} out of range: the layer has {K} feature maps (0..{K - 1})")
-        cams = np.maximum(weights[:, filters, None, None] * A[:, filters], 0)
+        per_map = weights[:, filters] if elementwise else weights[:, filters, None, None]
+        cams = np.maximum(per_map * A[:, filters], 0)
     cams = cams.astype(np.float32)
     if upsample:
         cams = resize_maps(cams, x_shape[2:])

@@ -6,10 +6,10 @@ default is Gauss-Legendre, offered under the same name as Captum's.
 """
 import numpy as np
 
-from ..backend import check_input, even_chunks, samples_per_call
+from ..backend import check_baseline, check_input, even_chunks, samples_per_call
 from ..errors import MultisalError
 from ..maps import add_per_image
-from ..objectives import check_objective, clean_target
+from ..objectives import check_objective, clean_target, target_rows
 from ..progress import progress_bar
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -87,13 +87,7 @@ def integrated_gradients(be, x, target=None, baseline=None, steps=50, objective=
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
         raise MultisalError(f"steps={steps!r} must be an integer 1..{MAX_STEPS}")
     alphas, weights = _path(method, int(steps))
-    try:
-        base = np.zeros_like(x) if baseline is None else np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
-    except ValueError:
-        raise MultisalError(f"baseline of shape {np.shape(baseline)} does not broadcast to the inputs' shape "
-                            f"{x.shape}: give a number, one image (C,H,W) or one per input") from None
-    if not np.isfinite(base).all():
-        raise MultisalError("baseline contains NaN or infinite values")
+    base = check_baseline(baseline, x)
     target = clean_target(be, x, target)
     delta = x - base
     total = np.zeros(x.shape, dtype=np.float64)
@@ -108,7 +102,7 @@ def integrated_gradients(be, x, target=None, baseline=None, steps=50, objective=
         idx = images[sl]
         a = flat_alpha[sl].astype(np.float32)[:, None, None, None]
         points = base[idx] + a * delta[idx]
-        chunk_target = target[idx] if isinstance(target, np.ndarray) else target
+        chunk_target = target_rows(target, idx)
         grad = be.run(points, objective, chunk_target, input_grad=True).input_grad
         add_per_image(total, idx, grad * flat_weight[sl][:, None, None, None])
     return (delta * total).astype(np.float32)

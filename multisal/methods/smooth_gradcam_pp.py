@@ -7,7 +7,7 @@ import numpy as np
 from ..backend import check_input
 from ..errors import MultisalError
 from ..noise import DEFAULT_NOISE_LEVEL, average_over_noise
-from ..objectives import check_objective, expand_target, same_pass_target
+from ..objectives import check_objective, expand_target, same_pass_target, target_rows
 from .cam import cam_layer, check_4d, finish, gradcam_pp_weights
 
 
@@ -96,7 +96,7 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
         d1, d2, d3 = g, g ** 2, g ** 3
     else:
         def moments(noisy, images):
-            chunk_target = target[images] if isinstance(target, np.ndarray) else target
+            chunk_target = target_rows(target, images)
             g = be.run(noisy, objective, chunk_target, layers=[layer]).gradients[layer].astype(np.float64)
             return g, g ** 2, g ** 3
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..maps import check_channel_reduce
 from ..noise import DEFAULT_NOISE_LEVEL, average_over_noise
-from ..objectives import check_objective, clean_target
+from ..objectives import check_objective, clean_target, target_rows
 from .vanilla import gradient_map
 
 
@@ -77,7 +77,7 @@ def smoothgrad(be, x, target=None, objective="logit", n=50, noise_level=DEFAULT_
     target = clean_target(be, x, target)
 
     def per_sample(noisy, images):
-        chunk_target = target[images] if isinstance(target, np.ndarray) else target
+        chunk_target = target_rows(target, images)
         return gradient_map(be, noisy, chunk_target, objective, channel_reduce, abs, square)
 
     mean = average_over_noise(per_sample, be, x, n=n, noise_level=noise_level, sigma=sigma, noise=noise, seed=seed,

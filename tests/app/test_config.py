@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import multisal as ms
+from multisal.methods import DEFAULT_METHODS
 from multisal.app.config import RUN_OWNED, ConfigError, _keyword_rules, dump_toml, load_config, tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +81,9 @@ def test_every_method_keyword_has_a_rule():
 def test_defaults():
     assert load_config({}) == {
         "backend": "torch", "model": "efficientnet-lite0", "preset": "efficientnet-lite", "size": [224, 224],
-        "inputs": [], "output": "out/explain", "methods": list(ms.METHODS), "target": "auto", "progression": False}
+        "inputs": [], "output": "out/explain", "methods": list(DEFAULT_METHODS), "target": "auto", "progression": False}
+    # Every method but the perturbation ones, which run hundreds of forward passes per image.
+    assert set(ms.METHODS) - set(DEFAULT_METHODS) == {"scorecam", "ablationcam", "occlusion", "rise"}
 
 
 def test_command_line_overrides_the_file(tmp_path):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import multisal as ms
 from hostile import TINY, Kept, Untouched, expect_error, expect_one_failure, photo, run_cli
 from multisal.app import runs
 from multisal.app.output import OutputFolder

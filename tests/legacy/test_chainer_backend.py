@@ -285,3 +285,57 @@ def test_wrong_input_shape_is_one_line(x):
     with pytest.raises(ms.MultisalError, match=r"SmallNet rejects inputs of shape \(N, 3, 12, 12\): .*LinearFunction") as err:
         be.predict(np.zeros((3, 3, 12, 12), np.float32))
     assert "\n" not in str(err.value)
+
+
+def test_replace_overwrites_a_sublinks_output(x):
+    net = _seeded(SmallNet(), 12)
+    be = ms.load_backend("chainer", model=net)
+    A = be.run(x, layers=["conv1"]).activations["conv1"]
+    A[:, 1] = 0
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        h = F.max_pooling_2d(F.relu(net.conv2(F.relu(chainer.Variable(A)))), 2)
+        expected = net.fc(h).array
+    np.testing.assert_allclose(be.run(x, replace={"/conv1": A}).outputs, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(be.predict(x), be.run(x).outputs)     # the next pass is the model's own
+    with pytest.raises(ms.MultisalError, match=r"replace\['conv1'\] has shape \(3, 2, 8, 8\); layer 'conv1' gives"):
+        be.run(x, replace={"conv1": A[:, :2]})
+
+
+def test_ablationcam_matches_the_paper_formula(x):
+    # w_k = (y - y_k) / y with y_k the logit when feature map k of conv2 is zeroed, written out in Chainer.
+    net = _seeded(SmallNet(), 13)
+    be = ms.load_backend("chainer", model=net)
+    targets = np.array([0, 3, 6])
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        A = net.conv2(F.relu(net.conv1(x))).array
+
+        def logits(a):
+            return net.fc(F.max_pooling_2d(F.relu(a), 2)).array[np.arange(3), targets].astype(np.float64)
+
+        y = logits(A)
+        weights = np.stack([(y - logits(np.where(np.arange(6)[None, :, None, None] == k, 0, A))) / y
+                            for k in range(6)], axis=1)
+    expected = np.maximum((weights[:, :, None, None] * A).sum(axis=1), 0)
+    actual = ms.ablationcam(be, x, targets, layer="conv2", upsample=False, normalize=False)
+    assert_agree(actual, expected)
+
+
+def test_layers_computed_inside_one_call_cannot_be_replaced(x):
+    def named(xv):
+        return {"c": xv * 2, "logits": F.sum(xv * 2, axis=(2, 3))}
+
+    for model, layer in ((_seeded(SmallLayers(), 8), "conv1"), (named, "c")):
+        be = ms.load_backend("chainer", model=model)
+        A = be.run(x, layers=[layer]).activations[layer]
+        with pytest.raises(ms.MultisalError, match="the chainer backend cannot replace a layer's output in") as err:
+            be.run(x, replace={layer: A})
+        assert "\n" not in str(err.value)
+
+
+def test_the_new_methods_run_under_numpy_1(x):
+    be = ms.load_backend("chainer", model=_seeded(SmallNet(), 11))
+    for method, kwargs in ((ms.layercam, {}), (ms.xgradcam, {}), (ms.hirescam, {}), (ms.eigencam, {}),
+                           (ms.scorecam, {}), (ms.ablationcam, {}), (ms.rise, {"n_masks": 20}),
+                           (ms.occlusion, {"window": (3, 4, 4), "stride": (3, 2, 2)})):
+        m = method(be, x, **kwargs)
+        assert m.shape == (3, 8, 8) and np.isfinite(m).all(), method.__name__

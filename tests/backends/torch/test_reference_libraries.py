@@ -135,18 +135,32 @@ def test_gradcam_matches_captum_layer_gradcam(model, be, x):
     assert_agree(actual, expected.detach().numpy()[:, 0])
 
 
-def _pytorch_grad_cam_raw(cam_class, model, x, targets):
+def _pytorch_grad_cam_raw(cam_class, model, x, targets, layer=LAYER):
     """pytorch-grad-cam's raw cam at layer resolution, rebuilt from its own hooks as BaseCAM does
-    (compute_cam_per_layer: get_cam_image, then np.maximum(cam, 0), before scale_cam_image)."""
+    (compute_cam_per_layer: get_cam_image, then np.maximum(cam, 0), before scale_cam_image). The
+    gradient-free classes (EigenCAM, ScoreCAM, AblationCAM) get the activations of a forward pass
+    and make their own passes inside get_cam_image."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    layer = model.features[4]
+    module = dict(model.named_modules())[layer]
     cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
     xt = torch.from_numpy(x)
-    with cam_class(model=model, target_layers=[layer]) as cam:
-        cam(input_tensor=xt, targets=cam_targets)
+    with cam_class(model=model, target_layers=[module]) as cam:
+        if cam.uses_gradients:
+            cam(input_tensor=xt, targets=cam_targets)
+            grads = cam.activations_and_grads.gradients[0].numpy()
+        else:
+            with torch.no_grad():
+                cam.activations_and_grads(xt)
+            grads = None
         acts = cam.activations_and_grads.activations[0].numpy()
-        grads = cam.activations_and_grads.gradients[0].numpy()
-        return np.maximum(cam.get_cam_image(xt, layer, cam_targets, acts, grads), 0)
+        return np.maximum(cam.get_cam_image(xt, module, cam_targets, acts, grads, False), 0)
+
+
+def _torchcam_raw(cam_class, model, x, targets, layer=LAYER):
+    """torch-cam's cam at layer resolution, before its normalisation (ReLU applied, as it does)."""
+    with cam_class(model, layer, input_shape=tuple(x.shape[1:])) as extractor:
+        scores = model(torch.from_numpy(x))
+        return extractor(class_idx=[int(t) for t in targets], scores=scores, normalized=False)[0].detach().numpy()
 
 
 def test_gradcam_matches_pytorch_grad_cam(model, be, x):
@@ -229,6 +243,232 @@ def test_smooth_gradcam_pp_matches_paper_formula(model, be, x, filters, neurons,
     assert actual.shape == expected.shape
     assert expected.any()
     assert_agree(actual, expected, tol=FORMULA)
+
+
+# ---- Layer-CAM, XGrad-CAM, HiResCAM --------------------------------------------------------------
+def test_layercam_matches_pytorch_grad_cam_and_torchcam(model, be, x):
+    from pytorch_grad_cam import LayerCAM
+    from torchcam.methods import LayerCAM as TorchcamLayerCAM
+    actual = ms.layercam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(actual, _pytorch_grad_cam_raw(LayerCAM, model, x, TARGETS))
+    assert_agree(actual, _torchcam_raw(TorchcamLayerCAM, model, x, TARGETS))
+    A, g = torch_layer(model, x, TARGETS)
+    assert_agree(actual, np.maximum((np.maximum(g, 0) * A).sum(axis=1), 0), tol=FORMULA)
+
+
+def test_hirescam_matches_pytorch_grad_cam_and_the_paper(model, be, x):
+    from pytorch_grad_cam import HiResCAM
+    actual = ms.hirescam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(actual, _pytorch_grad_cam_raw(HiResCAM, model, x, TARGETS))
+    A, g = torch_layer(model, x, TARGETS)
+    assert_agree(actual, np.maximum((g * A).sum(axis=1), 0), tol=FORMULA)
+    # The ReLU after the layer makes g vary over positions: here the elementwise product is not Grad-CAM.
+    assert not agrees(actual, ms.gradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False))
+
+
+def paper_xgradcam(A, g):
+    """XGrad-CAM (Fu et al. 2020): w_k = sum_ij A_kij / (sum_ab A_kab) * g_kij."""
+    w = (A / A.sum(axis=(2, 3), keepdims=True) * g).sum(axis=(2, 3))
+    return np.maximum((w[:, :, None, None] * A).sum(axis=1), 0)
+
+
+def test_xgradcam_matches_the_paper_and_with_their_epsilons_the_libraries(model, be, x):
+    from pytorch_grad_cam import XGradCAM
+    from torchcam.methods import XGradCAM as TorchcamXGradCAM
+    A, g = torch_layer(model, x, TARGETS)
+    paper = ms.xgradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(paper, paper_xgradcam(A, g), tol=FORMULA)
+    assert_agree(ms.xgradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, eps=1e-7),
+                 _pytorch_grad_cam_raw(XGradCAM, model, x, TARGETS))
+    assert_agree(ms.xgradcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, eps=1e-8),
+                 _torchcam_raw(TorchcamXGradCAM, model, x, TARGETS))
+
+
+# ---- Eigen-CAM ----------------------------------------------------------------------------------
+def paper_eigencam(A, center=False):
+    """Eigen-CAM (Muhammad and Yeasin 2020): O (hw x K) = U S V^T, L = O v_1, with v_1 oriented
+    so that its entries sum to >= 0 (multisal's convention for the SVD's arbitrary sign)."""
+    maps = []
+    for a in A.astype(np.float64):
+        O = a.reshape(len(a), -1).T
+        if center:
+            O = O - O.mean(axis=0)
+        v = np.linalg.svd(O)[2][0]
+        maps.append((O @ (v if v.sum() >= 0 else -v)).reshape(a.shape[1:]))
+    return np.maximum(np.array(maps), 0)
+
+
+def test_eigencam_matches_the_paper_and_centred_pytorch_grad_cam(model, be, x):
+    from pytorch_grad_cam import EigenCAM
+    A, _ = torch_layer(model, x, TARGETS)
+    paper = ms.eigencam(be, x, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(paper, paper_eigencam(A), tol=FORMULA)
+    centred = ms.eigencam(be, x, layer=LAYER, upsample=False, normalize=False, center=True)
+    assert_agree(centred, paper_eigencam(A, center=True), tol=FORMULA)
+    assert not agrees(centred, paper)
+    # pytorch-grad-cam centres and keeps the sign its SVD returns: its map is relu(P) for its
+    # projection P, where multisal's is relu(+-P) with the sign that makes sum_k v_k >= 0, that of
+    # P's inner product with the centred channel sum (sum_k v_k = P . (O 1) / s_1^2, v being an
+    # eigenvector of O^T O). On these three images the SVD's sign is the other one for all three.
+    with EigenCAM(model=model, target_layers=[model.features[4]]) as cam, torch.no_grad():
+        cam.activations_and_grads(torch.from_numpy(x))
+        projection = cam.get_cam_image(None, None, None, cam.activations_and_grads.activations[0].numpy(), None, False)
+    sums = (A - A.mean(axis=(2, 3), keepdims=True)).sum(axis=1)
+    signs = np.sign((projection * sums).sum(axis=(1, 2)))[:, None, None]
+    assert_agree(centred, np.maximum(signs * projection, 0))
+    assert_agree(_pytorch_grad_cam_raw(EigenCAM, model, x, TARGETS), np.maximum(projection, 0))
+    # The map is the same whatever the target: there is no class in it.
+    assert_agree(ms.eigencam(be, x, target=[0, 0, 0], layer=LAYER), ms.eigencam(be, x, layer=LAYER), tol=FORMULA)
+
+
+# ---- Score-CAM ----------------------------------------------------------------------------------
+FULL_RESOLUTION_LAYER = "features.1"   # 32x32 at 32x32 input: no upsampling, so the libraries' differ in nothing else
+
+
+def paper_scorecam(model, x, targets, layer, probability=True, channel_softmax=True):
+    """Score-CAM (Wang et al. 2020, Algorithm 1) in torch: each feature map upsampled (bilinear),
+    min-max scaled, multiplied with the input; weights the softmax over feature maps of the target's
+    score rise over a black (zero) input, or the rises themselves."""
+    A, _ = torch_layer(model, x, targets, layer)
+    at = torch.from_numpy(A)
+    maps = torch.nn.functional.interpolate(at.flatten(0, 1)[:, None], size=x.shape[2:], mode="bilinear",
+                                           align_corners=False)[:, 0]
+    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    masks = torch.where(hi > lo, (maps - lo) / torch.where(hi > lo, hi - lo, 1), 0).reshape(*A.shape[:2], *x.shape[2:])
+
+    def score(inputs, t):
+        with torch.no_grad():
+            out = model(inputs.float()).double()
+        return (out.softmax(1) if probability else out)[:, t]
+
+    xt = torch.from_numpy(x).double()
+    weights = []
+    for i, t in enumerate(targets):
+        rise = score(xt[i] * masks[i][:, None], int(t)) - score(torch.zeros_like(xt[:1]), int(t))
+        weights.append(rise.softmax(0) if channel_softmax else rise)
+    weights = torch.stack(weights).numpy()
+    return np.maximum((weights[:, :, None, None] * A).sum(axis=1), 0)
+
+
+def test_scorecam_logit_matches_pytorch_grad_cam_and_torchcam(model, be, x):
+    from pytorch_grad_cam import ScoreCAM
+    from torchcam.methods import ScoreCAM as TorchcamScoreCAM
+    actual = ms.scorecam(be, x, TARGETS, layer=FULL_RESOLUTION_LAYER, upsample=False, normalize=False,
+                         objective="logit")
+    assert_agree(actual, _pytorch_grad_cam_raw(ScoreCAM, model, x, TARGETS, FULL_RESOLUTION_LAYER))
+    assert_agree(actual, _torchcam_raw(TorchcamScoreCAM, model, x, TARGETS, FULL_RESOLUTION_LAYER))
+
+
+@pytest.mark.parametrize("channel_softmax", [True, False])
+def test_scorecam_matches_the_paper(model, be, x, channel_softmax):
+    actual = ms.scorecam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, channel_softmax=channel_softmax,
+                         batch_size=7)
+    expected = paper_scorecam(model, x, TARGETS, LAYER, channel_softmax=channel_softmax)
+    assert expected.any()
+    assert_agree(actual, expected)
+    logit = ms.scorecam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False, objective="logit",
+                        channel_softmax=channel_softmax)
+    assert_agree(logit, paper_scorecam(model, x, TARGETS, LAYER, False, channel_softmax))
+    assert not agrees(logit, actual)   # the probability is not the logit
+
+
+# ---- Ablation-CAM -------------------------------------------------------------------------------
+def paper_ablationcam(model, x, targets, layer):
+    """Ablation-CAM (Desai and Ramaswamy 2020): w_k = (y - y_k) / y, y_k the score with feature map
+    k of the layer set to zero by a forward hook."""
+    A, _ = torch_layer(model, x, targets, layer)
+    module = dict(model.named_modules())[layer]
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        y = model(xt).double().gather(1, torch.from_numpy(targets)[:, None])[:, 0].numpy()
+        drops = np.zeros(A.shape[:2])
+        for k in range(A.shape[1]):
+            def zero(_m, _i, out, k=k):
+                out = out.clone()
+                out[:, k] = 0
+                return out
+            handle = module.register_forward_hook(zero)
+            try:
+                yk = model(xt).double().gather(1, torch.from_numpy(targets)[:, None])[:, 0].numpy()
+            finally:
+                handle.remove()
+            drops[:, k] = (y - yk) / y
+    return np.maximum((drops[:, :, None, None] * A).sum(axis=1), 0)
+
+
+def test_ablationcam_matches_the_paper_and_pytorch_grad_cam(model, be, x):
+    from pytorch_grad_cam import AblationCAM
+    # After a ReLU (the layer's minimum is 0) pytorch-grad-cam zeroes the feature map, as the paper does.
+    after_relu = "features.5"
+    actual = ms.ablationcam(be, x, TARGETS, layer=after_relu, upsample=False, normalize=False, batch_size=5)
+    assert_agree(actual, paper_ablationcam(model, x, TARGETS, after_relu))
+    assert_agree(actual, _pytorch_grad_cam_raw(AblationCAM, model, x, TARGETS, after_relu))
+    # At the conv before that ReLU (negative values) pytorch-grad-cam sets the map to its minimum
+    # - 1e7 rather than 0, which the ReLU after it makes 0 as well.
+    at_conv = ms.ablationcam(be, x, TARGETS, layer=LAYER, upsample=False, normalize=False)
+    assert_agree(at_conv, paper_ablationcam(model, x, TARGETS, LAYER))
+
+
+def test_pytorch_grad_cams_ablation_of_a_signed_layer_is_not_the_papers(x):
+    # A conv whose signed output reaches the pooling and the classifier directly: there
+    # pytorch-grad-cam's minimum - 1e7 is not the paper's zero, and its weights are another's.
+    from pytorch_grad_cam import AblationCAM
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    be = ms.load_backend("torch", model=net)
+    ours = ms.ablationcam(be, x, TARGETS, layer="2", upsample=False, normalize=False)
+    assert_agree(ours, paper_ablationcam(net, x, TARGETS, "2"))
+    assert not agrees(ours, _pytorch_grad_cam_raw(AblationCAM, net, x, TARGETS, "2"))
+
+
+# ---- Occlusion ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("window, stride, baseline", [
+    ((3, 16, 16), (3, 8, 8), 0.0),
+    ((1, 10, 12), (1, 7, 9), 0.5),      # windows that overhang the edge, one channel at a time
+])
+def test_occlusion_matches_captum(model, be, x, window, stride, baseline):
+    from captum.attr import Occlusion
+    expected = Occlusion(model).attribute(torch.from_numpy(x), sliding_window_shapes=window, strides=stride,
+                                          baselines=baseline, target=torch.from_numpy(TARGETS),
+                                          perturbations_per_eval=8).detach().numpy()
+    actual = ms.occlusion(be, x, TARGETS, window=window, stride=stride, baseline=baseline, channel_reduce=None,
+                          normalize=False)
+    assert_agree(actual, expected)
+    assert_agree(ms.occlusion(be, x, TARGETS, window=window, stride=stride, baseline=baseline),
+                 scale_01(expected.mean(axis=1)), tol=FORMULA)
+
+
+# ---- RISE ---------------------------------------------------------------------------------------
+def test_rise_masks_are_the_released_codes(x):
+    """The paper's code (eclique/RISE, generate_masks): each binary grid resized with skimage
+    (order=1, mode="reflect", anti_aliasing=False) to (s + 1) * ceil(H / s) pixels a side, then
+    cropped at the mask's shift."""
+    from skimage.transform import resize
+    from multisal.methods.rise import RiseMasks, rise_masks
+    for size, grid in (((32, 32), 7), ((30, 44), 5)):
+        draws = RiseMasks(size, 20, grid, 0.5, seed=3)
+        cell = np.ceil(np.array(size) / grid).astype(int)
+        expected = np.stack([resize(g, (grid + 1) * cell, order=1, mode="reflect", anti_aliasing=False)
+                             [dy:dy + size[0], dx:dx + size[1]] for g, (dy, dx) in zip(draws.grids, draws.shifts)])
+        masks = rise_masks(size, 20, grid, 0.5, seed=3)
+        assert_agree(masks, expected, tol=FORMULA)
+        assert 0.3 < draws.grids.mean() < 0.7 and len({tuple(s) for s in draws.shifts}) > 1
+    assert not agrees(rise_masks((32, 32), 20, 7, 0.5, seed=4), rise_masks((32, 32), 20, 7, 0.5, seed=3))
+
+
+def test_rise_matches_the_paper_formula_on_its_masks(model, be, x):
+    from multisal.methods.rise import rise_masks
+    n, p = 64, 0.3
+    masks = rise_masks(x.shape[2:], n, grid=4, p=p, seed=1)
+    with torch.no_grad():
+        probs = torch.stack([model(torch.from_numpy(x[i] * masks[:, None])).double().softmax(1)[:, t]
+                             for i, t in enumerate(TARGETS)]).numpy()        # (images, masks)
+    expected = np.einsum("im,mhw->ihw", probs, masks) / (n * p)
+    actual = ms.rise(be, x, TARGETS, n_masks=n, grid=4, p=p, seed=1, normalize=False, batch_size=10)
+    assert_agree(actual, expected)
+    assert_agree(ms.rise(be, x, TARGETS, n_masks=n, grid=4, p=p, seed=1), scale_01(expected), tol=FORMULA)
+    assert not agrees(ms.rise(be, x, TARGETS, n_masks=n, grid=4, p=p, seed=2, normalize=False), expected)
 
 
 # ---- SmoothGrad ---------------------------------------------------------------------------------

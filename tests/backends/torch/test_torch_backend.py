@@ -126,6 +126,26 @@ def test_forward_hooks_are_removed(be, x):
     (lambda be, x: ms.fooling_image(be, x, None), "needs a class index"),
     (lambda be, x: ms.class_visualization(be, 1), "needs preset="),
     (lambda be, x: ms.vanilla_gradient(be, x, ms.region(0, box=(0, 0, 2, 2))), "region target needs a dense output"),
+    (lambda be, x: ms.occlusion(be, x), r"window \(3, 16, 16\) is larger than the image \(3, 12, 12\)"),
+    (lambda be, x: ms.occlusion(be, x, window=(3, 4, 4), stride=(3, 5, 5)),
+     r"stride \(3, 5, 5\) is larger than the window \(3, 4, 4\): the windows would leave elements"),
+    (lambda be, x: ms.occlusion(be, x, window=(3, 4, 4), stride=(3, 0, 4)), r"stride=\(3, 0, 4\): expected 3 integers >= 1"),
+    (lambda be, x: ms.occlusion(be, x, window=(4, 4)), r"window=\(4, 4\): expected 3 integers >= 1 \(channels"),
+    (lambda be, x: ms.occlusion(be, np.zeros((1, 3, 200, 200), np.float32), window=(1, 1, 1), stride=(1, 1, 1)),
+     r"window \(1, 1, 1\) with stride \(1, 1, 1\) gives 120000 windows per image, over the limit of 100000"),
+    (lambda be, x: ms.occlusion(be, x, window=(3, 4, 4), stride=(3, 4, 4), baseline=np.zeros(5)),
+     r"baseline of shape \(5,\) does not broadcast"),
+    (lambda be, x: ms.rise(be, x, n_masks=0), "n_masks=0: expected an integer >= 1 and <= 100000"),
+    (lambda be, x: ms.rise(be, x, n_masks=10 ** 6), "n_masks=1000000: expected an integer >= 1 and <= 100000"),
+    (lambda be, x: ms.rise(be, x, grid=0), "grid=0: expected an integer >= 1"),
+    (lambda be, x: ms.rise(be, x, p=0), r"p=0: the probability of keeping a grid cell must be in \(0, 1\]"),
+    (lambda be, x: ms.rise(be, x, batch_size=0), "batch_size=0: expected an integer >= 1"),
+    (lambda be, x: ms.scorecam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
+    (lambda be, x: ms.ablationcam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
+    (lambda be, x: ms.eigencam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
+    (lambda be, x: ms.layercam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
+    (lambda be, x: be.run(x, replace={"1": np.zeros((3, 6, 5, 5), np.float32)}),
+     r"replace\['1'\] has shape \(3, 6, 5, 5\); layer '1' gives \(3, 6, 12, 12\) for these inputs"),
     (lambda be, x: ms.load_backend("torch", model="net.pt"), "needs a torch.nn.Module, got str"),
     (lambda be, x: ms.load_backend("torch", model=be.model, device="tpu"), "device 'tpu' is not usable by torch"),
     (lambda be, x: ms.load_backend("torch", model=be.model, memory_budget="lots"), "memory_budget 'lots' is not a size"),
@@ -255,6 +275,21 @@ def test_backend_runs_the_folded_model_and_reports_the_same_maps():
     for layer in ("bn1", "act1", "conv2"):             # asked-for layers keep their own values
         assert_agree(ms.gradcam(folding, x, 1, layer=layer), ms.gradcam(plain, x, 1, layer=layer), tol=1e-5)
     assert all(not m._forward_hooks for name, m in folding.model.named_modules() if name != "bn1")
+
+
+def test_a_replaced_layer_of_a_folded_model_is_the_layer_as_written():
+    # conv1 is kept whole (not folded with bn1), so replacing its output feeds bn1 as in the model.
+    x = np.random.default_rng(2).standard_normal((3, 3, 10, 10)).astype(np.float32)
+    folding = ms.load_backend("torch", model=_conv_bn())
+    net = _conv_bn()
+    replacement = np.random.default_rng(3).standard_normal((3, 6, 10, 10)).astype(np.float32)
+    with torch.no_grad():
+        h = net.act1(net.bn1(torch.from_numpy(replacement)))
+        c = net.conv2(h)
+        expected = net.head(net.bn2(c) + c).numpy()
+    assert_agree(folding.run(x, replace={"conv1": replacement}).outputs, expected)
+    assert not agrees(folding.predict(x), expected)
+    assert all(not m._forward_hooks for m in folding.model.modules())
 
 
 def test_changed_weights_are_folded_anew():
