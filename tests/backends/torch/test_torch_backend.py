@@ -139,7 +139,7 @@ def test_forward_hooks_are_removed(be, x):
     (lambda be, x: ms.rise(be, x, n_masks=10 ** 6), "n_masks=1000000: expected an integer >= 1 and <= 100000"),
     (lambda be, x: ms.rise(be, x, grid=0), "grid=0: expected an integer >= 1"),
     (lambda be, x: ms.rise(be, x, p=0), r"p=0: the probability of keeping a grid cell must be in \(0, 1\]"),
-    (lambda be, x: ms.rise(be, x, batch_size=0), "batch_size=0: expected an integer >= 1"),
+    (lambda be, x: ms.rise(be, x, batch_size=0), r"batch_size=0 must be an integer 1..4096"),
     (lambda be, x: ms.scorecam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
     (lambda be, x: ms.ablationcam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
     (lambda be, x: ms.eigencam(be, x, layer="6"), r"layer '6' gives an activation of shape \(3, 5\); a CAM needs a 4-D"),
