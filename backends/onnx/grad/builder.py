@@ -276,6 +276,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
 
     for node in list(reversed(objective_nodes)) + active_nodes:
         ctx.scope = gradient_scope(node)
+        ctx.meets(node)
         dys = [total(o) if o else None for o in node.output]
         if all(d is None for d in dys):
             continue

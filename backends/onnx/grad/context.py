@@ -124,10 +124,11 @@ class GradContext:
     def __init__(self, opset: int, shapes: dict, dtypes: dict, constants: dict, active: set,
                  float_type=FLOAT):
         self.opset = opset
-        # The model's float type: constants and masks are written in it, so float16 and float64
-        # models get gradient graphs that type-check.
+        # The float type constants and masks are written in: the explained output's while the
+        # objective is written, then that of the node being differentiated (meets), so that float16,
+        # float64 and mixed-precision models (float16 inside, float32 at their Casts) get gradient
+        # graphs that type-check.
         self.float_type = float_type
-        self.float_dtype = helper.tensor_dtype_to_np_dtype(float_type)
         self.shapes = shapes          # tensor name -> tuple of ints, as seen by a probe run
         self.dtypes = dtypes          # tensor name -> onnx TensorProto element type
         self.constants = constants    # tensor name -> numpy array (initializers, Constant outputs)
@@ -136,6 +137,24 @@ class GradContext:
         self.initializers = []
         self.scope = GRADIENT_SCOPE   # the builder names the node whose gradient is being written
         self._count = 0
+
+    @property
+    def float_type(self):
+        return self._float_type
+
+    @float_type.setter
+    def float_type(self, elem_type):
+        self._float_type = elem_type
+        self.float_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+
+    def meets(self, node):
+        """Write what follows in the float type of `node`'s tensors: its first float output's, else
+        its first float input's. ONNX binds one type to an op's float inputs and outputs; Cast, the
+        one op between two float types, casts its gradient back itself."""
+        for name in list(node.output) + list(node.input):
+            if self.dtypes.get(name) in FLOAT_TYPES:
+                self.float_type = self.dtypes[name]
+                return
 
     # ---- what a rule may ask --------------------------------------------------------------------
     def needs(self, node, i: int) -> bool:
