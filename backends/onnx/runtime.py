@@ -11,7 +11,7 @@ import re
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
-from .grad.context import forward_node_name
+from .grad.context import OBJECTIVE_SCOPE, forward_node_name
 
 ort = lazy_import("onnxruntime")
 
@@ -19,7 +19,8 @@ _RUNNING = re.compile(r"running (\w+) node\. Name:'([^']*)'")
 _IN_NODE = re.compile(r"in node \(([^)]*)\)")
 _NODE_OP = re.compile(r"Node \(([^)]*)\) Op \((\w+)\)")
 _SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
-_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# onnxruntime repeats its prefix before each status it wraps.
+_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def failure(err, doing: str, source: str) -> MultisalError:
@@ -38,6 +39,8 @@ def failure(err, doing: str, source: str) -> MultisalError:
         forward = forward_node_name(node) if node else node
         if forward != node:   # a node of the gradient graph: the model's node it differentiates
             where = f" (the gradient of node {forward!r}" + (f", op {op})" if op else ")")
+        elif node.startswith(OBJECTIVE_SCOPE + "/"):   # what the objective wrote on the model's output
+            where = f" (the objective on the model's output, node {node!r}" + (f", op {op})" if op else ")")
         elif node:
             where = f" (node {node!r}" + (f", op {op})" if op else ")")
         else:

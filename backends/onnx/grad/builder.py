@@ -306,4 +306,19 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     for name in request.layers:
         g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))
         g.output.append(helper.make_tensor_value_info(act_name(name), dtypes[name], _batched(shapes[name])))
+    declare_as_probed(g, shapes)
     return result
+
+
+def declare_as_probed(graph, shapes):
+    """Clears the declared shape of every graph output and value_info that the probe run
+    contradicts (another rank, or another fixed extent): onnxruntime plans its buffers from
+    declared shapes and fails at run time where a node reads such a tensor ("Shape mismatch
+    attempting to re-use buffer"), as where an exporter declared (T, N, classes) logits as (1, T)."""
+    for value in list(graph.output) + list(graph.value_info):
+        probed, tensor = shapes.get(value.name), value.type.tensor_type
+        if probed is None or not tensor.HasField("shape"):
+            continue
+        dims = tensor.shape.dim
+        if len(dims) != len(probed) or any(d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, probed)):
+            tensor.ClearField("shape")
