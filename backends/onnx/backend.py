@@ -190,9 +190,20 @@ class OnnxBackend(Backend):
             self._probes[key] = probe(self.model, key, 1 if self.batch_one else 2, self.source)
         return self._probes[key]
 
+    def probed(self, sample_shape):
+        """(shapes, element types) of every tensor for inputs of this (C, H, W), from one probe run
+        (cached); shapes at the batch the gradient graphs are built for."""
+        shapes, dtypes, _ = self._probe(sample_shape)
+        return shapes, dtypes
+
     # ---- layers -------------------------------------------------------------------------------
     def layer_names(self):
         return [o for node in self.model.graph.node for o in node.output if o]
+
+    @property
+    def input_dims(self):
+        """The input's shape as the file declares it (None for free axes), before any batch rewrite."""
+        return list(self._input_dims)
 
     @property
     def sample_shape(self):

@@ -23,7 +23,7 @@ from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
 from .. import runtime
-from .context import FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, GradContext, gradient_scope, node_label
+from .context import FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, GradContext, gradient_scope, node_label, rule_for
 from .objective import build_objective
 # Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
 from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
@@ -223,6 +223,22 @@ def fold_pads_into_convs(model, ctx, keep=()):
     return result
 
 
+def gradient_path(graph, wrt, output, dtypes):
+    """What a gradient of `output` with respect to the tensors `wrt` flows through: (the tensors
+    that depend on wrt through float tensors, the tensors on a path from wrt to output, the nodes
+    on such a path in reverse graph order, the ones to differentiate)."""
+    depends = set(wrt)
+    for node in graph.node:
+        if any(i in depends for i in node.input if i):
+            depends.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
+    needed, active_nodes = {output}, []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
+            active_nodes.append(node)
+            needed.update(i for i in node.input if i in depends)
+    return depends, needed, active_nodes
+
+
 def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sample_shape, batch=2,
                          source="the model") -> onnx.ModelProto:
     """A copy of `model` with the objective, the gradients and the activations as extra outputs
@@ -242,15 +258,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     model = fold_pads_into_convs(model, GradContext(opset, shapes, dtypes, constants, set()), keep=request.layers)
     graph = model.graph
 
-    depends = set(wrt)
-    for node in graph.node:
-        if any(i in depends for i in node.input if i):
-            depends.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
-    needed, active_nodes = {output}, []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
-            active_nodes.append(node)
-            needed.update(i for i in node.input if i in depends)
+    depends, needed, active_nodes = gradient_path(graph, wrt, output, dtypes)
     for name in wrt:
         if name not in needed:
             raise MultisalError(f"the output {output!r} does not depend on {name!r}: nothing to differentiate")
@@ -280,7 +288,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
         dys = [total(o) if o else None for o in node.output]
         if all(d is None for d in dys):
             continue
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = rule_for(node)
         if rule is None:
             raise MultisalError(f"no gradient rule for op {node.op_type} (node {node_label(node)!r}, "
                                 f"opset {opset}{', domain ' + node.domain if node.domain else ''})")

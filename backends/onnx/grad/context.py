@@ -41,6 +41,11 @@ def rule(*op_types):
     return register
 
 
+def rule_for(node):
+    """The gradient rule registered for a node's op, or None where there is none."""
+    return RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+
+
 def elementwise(*op_types, of, divide=False):
     """Registers the rule of an op applied elementwise to its first input x, from the decorated
     `derivative(ctx, node, v) -> name or None`: f' written from v, x itself (of="x") or the
