@@ -18,6 +18,7 @@ ort = lazy_import("onnxruntime")
 _RUNNING = re.compile(r"running (\w+) node\. Name:'([^']*)'")
 _IN_NODE = re.compile(r"in node \(([^)]*)\)")
 _NODE_OP = re.compile(r"Node \(([^)]*)\) Op \((\w+)\)")
+_IN_NODE_SPEC = re.compile(r'In Node, \("([^"]*)", (\w+), [^)]*\) : \(.*?\) -> \(.*?\) , ')
 _SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
 # onnxruntime repeats its prefix before each status it wraps.
 _PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
@@ -28,11 +29,11 @@ def failure(err, doing: str, source: str) -> MultisalError:
     text = " ".join(str(err).split())
     text = _SOURCE.sub("", _PREFIX.sub("", text))
     where = ""
-    match = _RUNNING.search(text) or _NODE_OP.search(text) or _IN_NODE.search(text)
+    match = _RUNNING.search(text) or _NODE_OP.search(text) or _IN_NODE_SPEC.search(text) or _IN_NODE.search(text)
     if match:
         if match.re is _RUNNING:
             op, node = match.group(1), match.group(2)
-        elif match.re is _NODE_OP:
+        elif match.re in (_NODE_OP, _IN_NODE_SPEC):
             node, op = match.group(1), match.group(2)
         else:
             op, node = None, match.group(1)

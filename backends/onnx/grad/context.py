@@ -31,6 +31,13 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 INT64_MIN = int(np.iinfo(np.int64).min)
 
 RULES: Dict[str, Callable] = {}
+# The opsets the rules are written for: below, a rule may need an op the model's opset lacks, and
+# the gradient graph is then built on the model converted to a newer one (builder.py).
+RULES_OPSET = 11
+
+
+class OpsetTooOld(MultisalError):
+    """A rule needs an op, or a form of one, that the model's opset does not have."""
 
 
 def rule(*op_types):
@@ -240,6 +247,13 @@ class GradContext:
             return self.emit("Squeeze", [x, self.int64s(axes)])
         return self.emit("Squeeze", [x], axes=list(axes))
 
+    def mod(self, a, n):
+        """a mod n of non-negative integers: Mod from opset 10, a - (a / n) n before it (integer
+        Div truncates, which is the floor for non-negative values)."""
+        if self.opset >= 10:
+            return self.emit("Mod", [a, n])
+        return self.emit("Sub", [a, self.emit("Mul", [self.emit("Div", [a, n]), n])])
+
     def positive(self, x):
         """[x > 0] as 0/1 in the model's float type: ReLU's mask."""
         return self.mask(self.emit("Greater", [x, self.const(0.0)]))
@@ -291,7 +305,7 @@ class GradContext:
                 inputs.append(self.int64s(steps))
             return self.emit("Slice", inputs)
         if any(s != 1 for s in steps):
-            raise MultisalError(f"opset {self.opset}: Slice has no steps before opset 10")
+            raise OpsetTooOld(f"opset {self.opset}: Slice has no steps before opset 10")
         return self.emit("Slice", [x], starts=[int(s) for s in starts], ends=[int(e) for e in ends],
                          axes=[int(a) for a in axes])
 

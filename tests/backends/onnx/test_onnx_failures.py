@@ -66,6 +66,19 @@ RAW = ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while runn
        "size) in shapes in the model.\n")
 
 
+# What onnxruntime said on loading the gradient graph of resnet18 exported at opset 9, before the
+# MaxPool rule wrote Mod only from opset 10 on.
+LOAD = ('[ONNXRuntimeError] : 10 : INVALID_GRAPH : This is an invalid model. In Node, ("grad//maxpool/MaxPool/Mod_122", '
+        'Mod, "", -1) : ("grad//maxpool/MaxPool/MaxPool_120:1": tensor(int64),"grad//maxpool/MaxPool/ints_121": '
+        'tensor(int64),) -> ("grad//maxpool/MaxPool/Mod_122",) , Error No Op registered for Mod with domain_version of 9')
+
+
+def test_an_invalid_gradient_node_is_named_by_its_model_node():
+    text = str(runtime.failure(RuntimeError(LOAD), "load", "m.onnx"))
+    assert text == ("onnxruntime cannot load m.onnx (the gradient of node '/maxpool/MaxPool', op Mod): This is an "
+                    "invalid model. Error No Op registered for Mod with domain_version of 9"), text
+
+
 @pytest.mark.parametrize("node, where", [
     ("objective/Shape_1", "(the objective on the model's output, node 'objective/Shape_1', op Shape)"),
     ("grad/Conv_3/Shape_2", "(the gradient of node 'Conv_3', op Shape)"),
