@@ -188,3 +188,36 @@ def test_methods_run_on_a_float16_model(exported, cache_dir):
         assert half.dtype == np.float32
         bound = RELATIVE_L2 if method is not ms.smoothgrad else 0.1
         _assert_within(half, full, bound, method.__name__)
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_batchnorm_with_float32_statistics_on_float16_data(computed, tmp_path):
+    """From opset 15 BatchNormalization takes statistics of another float type than its input:
+    float32 scale and variance on float16 data, as constants or computed in the graph (an Identity
+    of them, which the rule cannot fold), against the same model all in float32."""
+    rng = np.random.default_rng(2)
+    values = {"w": rng.standard_normal((4, 2, 3, 3)), "s": rng.uniform(0.5, 1.5, 4), "b": rng.standard_normal(4),
+              "m": rng.standard_normal(4), "v": rng.uniform(0.5, 1.5, 4), "W": rng.standard_normal((4, 3))}
+    stats = ["s_used", "b", "m", "v_used"] if computed else ["s", "b", "m", "v"]
+
+    def build(data_type):
+        half = {"w": data_type, "W": data_type}
+        inits = [onnx.numpy_helper.from_array(v.astype(np.float16 if half.get(k) == onnx.TensorProto.FLOAT16
+                                                       else np.float32), k) for k, v in values.items()]
+        nodes = [onnx.helper.make_node("Identity", ["s"], ["s_used"]), onnx.helper.make_node("Identity", ["v"], ["v_used"]),
+                 onnx.helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                 onnx.helper.make_node("BatchNormalization", ["c", *stats], ["n"], epsilon=1e-3),
+                 onnx.helper.make_node("Relu", ["n"], ["r"]), onnx.helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+                 onnx.helper.make_node("Flatten", ["g"], ["f"]), onnx.helper.make_node("MatMul", ["f", "W"], ["y"])]
+        graph = onnx.helper.make_graph(nodes, "bn", [onnx.helper.make_tensor_value_info("x", data_type, ["N", 2, 6, 6])],
+                                       [onnx.helper.make_tensor_value_info("y", data_type, ["N", 3])], inits)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 15)])
+        model.ir_version = 8
+        path = tmp_path / f"bn{data_type}.onnx"
+        onnx.save(model, str(path))
+        return ms.load_backend("onnx", model=str(path), cache_dir=tmp_path)
+
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    half = build(onnx.TensorProto.FLOAT16).run(x, "logit", np.array([0, 2]), input_grad=True)
+    full = build(onnx.TensorProto.FLOAT).run(x, "logit", np.array([0, 2]), input_grad=True)
+    _assert_within(half.input_grad, full.input_grad, RELATIVE_L2, "input gradient")
