@@ -23,7 +23,7 @@ from multisal.methods import FORWARD_ONLY, METHODS
 
 from .backend import OnnxBackend
 from .grad.builder import gradient_path, graph_input, model_opset
-from .grad.context import FLOAT, FLOAT_TYPES, node_label, rule_for
+from .grad.context import FLOAT, RULES_OPSET, node_label, rule_for
 
 onnx = lazy_import("onnx")
 helper = lazy_import("onnx.helper")
@@ -98,6 +98,9 @@ class ModelCheck:
         out = [f"model: {self.source}",
                f"opset: {self.opset}" + ("; other domains: " + ", ".join(f"{d} {v}" for d, v in self.domains.items())
                                          if self.domains else "")]
+        if self.opset < RULES_OPSET:
+            out.append(f"  below opset {RULES_OPSET}: where a rule needs a newer op, the gradient graph is built on "
+                       "the model converted by onnx.version_converter (a warning says so when it is)")
         out += [f"input: {name} {kind} {shape(dims)}" for name, kind, dims in self.inputs]
         for name, kind, dims, probed in self.outputs:
             seen = f" (runs as {list(probed)} at the probe's batch)" if probed is not None and \

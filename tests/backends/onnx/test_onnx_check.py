@@ -65,6 +65,17 @@ def test_every_op_on_the_path_has_a_rule(covered, capsys):
     assert "opset: 13" in out and "input: x float32 [N, 2, 6, 6]" in out and "6 nodes, 6 with a gradient rule" in out
 
 
+def test_an_old_opset_says_the_graph_may_be_built_on_a_converted_model(tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1)]
+    path = _save(tmp_path, nodes, ("N", 2, 4, 4), ("N", 3), {"w": RNG.standard_normal((4, 2, 1, 1)),
+                                                             "W": RNG.standard_normal((3, 4)), "b": np.zeros(3)}, opset=9)
+    report = ms.check_model(path)
+    assert report.opset == 9 and report.gradients_available
+    assert "below opset 11" in str(report) and "onnx.version_converter" in str(report)
+
+
 def test_an_op_without_a_rule_points_to_the_forward_only_methods(uncovered, capsys):
     report = ms.check_model(uncovered, input_shape=(2, 4, 4))
     assert not report.gradients_available and report.exit_status == 3
