@@ -31,6 +31,13 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 INT64_MIN = int(np.iinfo(np.int64).min)
 
 RULES: Dict[str, Callable] = {}
+# The opsets the rules are written for: below, a rule may need an op the model's opset lacks, and
+# the gradient graph is then built on the model converted to a newer one (builder.py).
+RULES_OPSET = 11
+
+
+class OpsetTooOld(MultisalError):
+    """A rule needs an op, or a form of one, that the model's opset does not have."""
 
 
 def rule(*op_types):
@@ -39,6 +46,11 @@ def rule(*op_types):
             RULES[op] = fn
         return fn
     return register
+
+
+def rule_for(node):
+    """The gradient rule registered for a node's op, or None where there is none."""
+    return RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
 
 
 def elementwise(*op_types, of, divide=False):
@@ -124,10 +136,11 @@ class GradContext:
     def __init__(self, opset: int, shapes: dict, dtypes: dict, constants: dict, active: set,
                  float_type=FLOAT):
         self.opset = opset
-        # The model's float type: constants and masks are written in it, so float16 and float64
-        # models get gradient graphs that type-check.
+        # The float type constants and masks are written in: the explained output's while the
+        # objective is written, then that of the node being differentiated (meets), so that float16,
+        # float64 and mixed-precision models (float16 inside, float32 at their Casts) get gradient
+        # graphs that type-check.
         self.float_type = float_type
-        self.float_dtype = helper.tensor_dtype_to_np_dtype(float_type)
         self.shapes = shapes          # tensor name -> tuple of ints, as seen by a probe run
         self.dtypes = dtypes          # tensor name -> onnx TensorProto element type
         self.constants = constants    # tensor name -> numpy array (initializers, Constant outputs)
@@ -136,6 +149,24 @@ class GradContext:
         self.initializers = []
         self.scope = GRADIENT_SCOPE   # the builder names the node whose gradient is being written
         self._count = 0
+
+    @property
+    def float_type(self):
+        return self._float_type
+
+    @float_type.setter
+    def float_type(self, elem_type):
+        self._float_type = elem_type
+        self.float_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+
+    def meets(self, node):
+        """Write what follows in the float type of `node`'s tensors: its first float output's, else
+        its first float input's. ONNX binds one type to an op's float inputs and outputs; Cast, the
+        one op between two float types, casts its gradient back itself."""
+        for name in list(node.output) + list(node.input):
+            if self.dtypes.get(name) in FLOAT_TYPES:
+                self.float_type = self.dtypes[name]
+                return
 
     # ---- what a rule may ask --------------------------------------------------------------------
     def needs(self, node, i: int) -> bool:
@@ -216,6 +247,13 @@ class GradContext:
             return self.emit("Squeeze", [x, self.int64s(axes)])
         return self.emit("Squeeze", [x], axes=list(axes))
 
+    def mod(self, a, n):
+        """a mod n of non-negative integers: Mod from opset 10, a - (a / n) n before it (integer
+        Div truncates, which is the floor for non-negative values)."""
+        if self.opset >= 10:
+            return self.emit("Mod", [a, n])
+        return self.emit("Sub", [a, self.emit("Mul", [self.emit("Div", [a, n]), n])])
+
     def positive(self, x):
         """[x > 0] as 0/1 in the model's float type: ReLU's mask."""
         return self.mask(self.emit("Greater", [x, self.const(0.0)]))
@@ -267,7 +305,7 @@ class GradContext:
                 inputs.append(self.int64s(steps))
             return self.emit("Slice", inputs)
         if any(s != 1 for s in steps):
-            raise MultisalError(f"opset {self.opset}: Slice has no steps before opset 10")
+            raise OpsetTooOld(f"opset {self.opset}: Slice has no steps before opset 10")
         return self.emit("Slice", [x], starts=[int(s) for s in starts], ends=[int(e) for e in ends],
                          axes=[int(a) for a in axes])
 
