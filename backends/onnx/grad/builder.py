@@ -4,8 +4,9 @@
    things like ConvTranspose's output padding; the batch axis is probed at 2 where it is free).
    Zero Pads that only convolutions read are folded into their pads (fold_pads_into_convs).
 2. Forward from the differentiated tensors (the input and/or the layers) mark what depends on them,
-   through float tensors only: integer and shape paths (Shape, Gather on shapes, Range, Cast to
-   int, ...) never carry a gradient.
+   through float tensors and quantised ones (rules/quantization.py: integers that stand for real
+   values); other integer and shape paths (Shape, Gather on shapes, Range, Cast to int, ...) never
+   carry a gradient.
 3. Backward from the explained output keep the nodes on a path between the two; only those are
    differentiated, in reverse order, each by its op's rule, so Grad-CAM writes no backward below
    its layer and no parameter gradient is ever formed.
@@ -27,6 +28,7 @@ from .context import FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, G
 from .objective import build_objective
 # Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
 from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
+from .rules import quantization
 from .rules import shape as shape_rules
 
 onnx = lazy_import("onnx")
@@ -89,6 +91,10 @@ def constant_values(model):
 
 
 INT_TYPES = {INT64, INT32}
+INT8 = 3
+# Element types numpy has no dtype for in onnxruntime's hands (INT4, UINT4, INT2, UINT2, FLOAT4E2M1).
+SUB_BYTE_TYPES = {22, 21, 26, 25, 23}
+PROBE_PREFIX = "multisal_probe:"
 # Ops whose output depends on their input's shape, not its values; and ops that draw at random.
 SHAPE_ONLY_OPS = {"Shape", "Size", "EyeLike"}
 RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -125,11 +131,20 @@ def probe(model, sample_shape, batch, source="the model"):
     probe_model = onnx.ModelProto()
     probe_model.CopyFrom(model)
     known = {o.name for o in probe_model.graph.output}
-    for node in probe_model.graph.node:
+    probed_as = {}   # probe output -> the tensor it shows: sub-byte types come through a Cast to int8
+    for node in list(probe_model.graph.node):
         for name in node.output:
-            if name and name not in known and types.get(name):
+            if not name or name in known:
+                continue
+            if types.get(name) in SUB_BYTE_TYPES:
+                probed_as[PROBE_PREFIX + name] = name
+                probe_model.graph.node.append(helper.make_node("Cast", [name], [PROBE_PREFIX + name], to=INT8))
+                probe_model.graph.output.append(onnx.ValueInfoProto(name=PROBE_PREFIX + name))
+            elif types.get(name):
                 probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
-                known.add(name)
+            elif name not in types:   # an op onnx does not know (onnxruntime's com.microsoft ones)
+                probe_model.graph.output.append(onnx.ValueInfoProto(name=name))
+            known.add(name)
     session = runtime.session(probe_model.SerializeToString(), source, optimize=False)
     inp = graph_input(model)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
@@ -148,8 +163,10 @@ def probe(model, sample_shape, batch, source="the model"):
     value_free = value_free_tensors(model)
     for name, value in values.items():
         value = np.asarray(value)
+        name = probed_as.get(name, name)
         shapes[name] = tuple(value.shape)
-        dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        # onnxruntime hands float8 tensors over as their bytes: the type is onnx's where it knows it.
+        dtypes[name] = types.get(name) or onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         if dtypes[name] in INT_TYPES and value.size <= 64 and name in value_free \
                 and np.array_equal(value, np.asarray(other[name])):
             shape_constants[name] = value
@@ -245,7 +262,8 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     depends = set(wrt)
     for node in graph.node:
         if any(i in depends for i in node.input if i):
-            depends.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
+            depends.update(o for k, o in enumerate(node.output)
+                           if o and quantization.carries_gradient(node, k, dtypes, depends))
     needed, active_nodes = {output}, []
     for node in reversed(graph.node):
         if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
@@ -279,7 +297,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
         dys = [total(o) if o else None for o in node.output]
         if all(d is None for d in dys):
             continue
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = quantization.rule_for(node)
         if rule is None:
             raise MultisalError(f"no gradient rule for op {node.op_type} (node {node_label(node)!r}, "
                                 f"opset {opset}{', domain ' + node.domain if node.domain else ''})")

@@ -136,6 +136,7 @@ class GradContext:
         self.initializers = []
         self.scope = GRADIENT_SCOPE   # the builder names the node whose gradient is being written
         self._count = 0
+        self.deferred = {}            # tensor name -> what writes it, called when a node first reads it
 
     # ---- what a rule may ask --------------------------------------------------------------------
     def needs(self, node, i: int) -> bool:
@@ -180,10 +181,28 @@ class GradContext:
     def emit(self, op_type, inputs, outputs=1, domain="", **attrs):
         """Append a node; returns its output name (or names when outputs > 1): the node's own name,
         with :<i> after it when it has several."""
+        self.ready(inputs)
         name = self._name(op_type)
         names = [name] if outputs == 1 else [f"{name}:{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
+
+    def defer(self, name, write):
+        """Makes `name` a tensor that `write()` puts into the graph (nodes or an initializer of
+        that name) only when an emitted node first reads it: the dequantised operands of a
+        quantised op, which its float rule may or may not read (onnxruntime runs nodes whose
+        output nothing reads)."""
+        self.deferred[name] = write
+
+    def tensor_name(self, hint):
+        """A fresh tensor name in the rule's scope, for a tensor the rule makes itself."""
+        return self._name(hint)
+
+    def ready(self, inputs):
+        """Writes those of `inputs` that are deferred, before a node reads them."""
+        for tensor in inputs:
+            if tensor in self.deferred:
+                self.deferred.pop(tensor)()
 
     def const(self, value, dtype=None, hint="const") -> str:
         name = self._name(hint)
