@@ -115,6 +115,7 @@ def weights_q(shape, low=-40, high=40, dtype=np.int8):
 
 Q_CONV_W, Q_CONV_WS = weights_q((3, 2, 3, 3)), np.array([0.01, 0.02, 0.015], np.float32)
 Q_CONV_B = WEIGHTS.integers(-500, 500, 3).astype(np.int32)
+Q_DEPTHWISE_W = weights_q((4, 1, 3, 3))
 Q_MATMUL_W, Q_MATMUL_WS = weights_q((3, 4), 100, 160, np.uint8), np.array([0.01, 0.02, 0.015, 0.03], np.float32)
 Q_GEMM_W, Q_GEMM_WS = weights_q((4, 18)), np.array([0.01, 0.02, 0.015, 0.03], np.float32)
 Q_GEMM_C = WEIGHTS.integers(-500, 500, 4).astype(np.int32)
@@ -279,6 +280,14 @@ CASES = [
          initializers={"Wq": Q_CONV_W, "Wz": np.int8(2), "Ws": np.float32(0.02), "W_real": (Q_CONV_W - 2.0) * 0.02},
          input_shape=(2, 2, 5, 5),
          reference=(node("Conv", "x", "W_real", pads=[1, 1, 1, 1], strides=[2, 2]),)),
+    # depthwise, with a channel multiplier (EfficientNet's convolutions, quantised dynamically)
+    Case("ConvInteger", (node("DynamicQuantizeLinear", "x", out=("q", "qs", "qz")),
+                         node("ConvInteger", "q", "Wq", "qz", "Wz", out="p", pads=[1, 1, 1, 1], group=2),
+                         node("Cast", "p", out="pf", to=onnx.TensorProto.FLOAT), node("Mul", "qs", "Ws", out="m"),
+                         node("Mul", "pf", "m")),
+         initializers={"Wq": Q_DEPTHWISE_W, "Wz": np.int8(-3), "Ws": np.float32(0.02),
+                       "W_real": (Q_DEPTHWISE_W + 3.0) * 0.02}, label="depthwise",
+         reference=(node("Conv", "x", "W_real", pads=[1, 1, 1, 1], group=2),)),
     q_case("QLinearConv", [quantised("QLinearConv", ["xq", "x_s", "x_z", "Wq", "Ws", "Wz", "y_s", "y_z", "B"],
                                      domain="", pads=[1, 1, 1, 1], kernel_shape=[3, 3])],
            [node("Conv", "x", "W_real", "B_real", pads=[1, 1, 1, 1])],

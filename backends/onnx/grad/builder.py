@@ -256,6 +256,11 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
                                 + (f"; closest: {', '.join(close)}" if close else "; see `multisal layers MODEL`"))
     wrt = ([inp] if request.input_grad else []) + list(request.layers)
     constants = {**shape_constants, **constant_values(model)}
+    quantised = quantization.quantised_tensors(model, constants)
+    for layer in request.layers:
+        if dtypes[layer] not in FLOAT_TYPES and layer not in quantised:
+            raise MultisalError(f"layer {layer!r} is an integer tensor with no scale of its own (not a quantised "
+                                "op's output): name a float layer or a quantised one")
     model = fold_pads_into_convs(model, GradContext(opset, shapes, dtypes, constants, set()), keep=request.layers)
     graph = model.graph
 
@@ -305,11 +310,17 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
             if dx is not None and ctx.needs(node, i):
                 grads.setdefault(node.input[i], []).append(dx)
 
-    wrt_totals = {}
+    wrt_totals, output_types = {}, {}
     for name in wrt:
         ctx.scope = grad_output_node(name)
+        output_types[name] = dtypes[name]
         # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
         wrt_totals[name] = total(name) or ctx.zeros_like(name)
+        if name in quantised:   # a quantised layer: the gradient with respect to its real values, dq / s
+            scale = quantised[name][0]
+            output_types[name] = dtypes[scale]
+            grad = total(name) or ctx.emit("Cast", [ctx.zeros_like(name)], to=output_types[name])
+            wrt_totals[name] = ctx.emit("Div", [grad, scale])
     result = onnx.ModelProto()
     result.CopyFrom(model)
     g = result.graph
@@ -319,8 +330,12 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     g.output.extend(extra_outputs)
     for name in wrt:
         g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=grad_output_node(name)))
-        g.output.append(helper.make_tensor_value_info(grad_name(name), dtypes[name], _batched(shapes[name])))
+        g.output.append(helper.make_tensor_value_info(grad_name(name), output_types[name], _batched(shapes[name])))
     for name in request.layers:
-        g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))
-        g.output.append(helper.make_tensor_value_info(act_name(name), dtypes[name], _batched(shapes[name])))
+        shown = name
+        if name in quantised:
+            g.node.append(quantization.real_view(name, *quantised[name]))
+            shown = quantization.REAL_PREFIX + name
+        g.node.append(helper.make_node("Identity", [shown], [act_name(name)], name=f"multisal_act_out/{name}"))
+        g.output.append(helper.make_tensor_value_info(act_name(name), output_types[name], _batched(shapes[name])))
     return result

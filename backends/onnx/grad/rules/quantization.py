@@ -363,3 +363,45 @@ def qlinear_concat(ctx, node, dys):
     """(y_s, y_zp, x_1, x_1s, x_1zp, x_2, ...): Concat along `axis`."""
     operands = [Operand(i, i + 1, i + 2) for i in range(2, len(node.input), 3)]
     return through_float(ctx, node, dys, "Concat", operands, output=(0, 1), axis=int(ctx.attr(node, "axis")))
+
+
+# ---- quantised tensors as layers ------------------------------------------------------------------
+# Where the scale and zero point of an op's (integer) output are among its inputs.
+OUTPUT_PARAMETERS = {"QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7),
+                     "QLinearMul": (6, 7), "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4),
+                     "QLinearSoftmax": (3, 4), "QLinearGlobalAveragePool": (3, 4), "QLinearAveragePool": (3, 4),
+                     "QLinearConcat": (0, 1), "QGemm": (7, 8)}
+REAL_PREFIX = "multisal_real:"
+
+
+def quantised_tensors(model, constants):
+    """{tensor: (scale, zero point)} of the integer tensors a QOperator model computes on, each
+    standing for the real values (q - zp) s with one constant scale: the outputs of quantised ops
+    and what ops that only move values make of them. A Grad-CAM layer may be one of these; the
+    backend shows it as those real values and its gradient as the one with respect to them."""
+    found = {}
+    for node in model.graph.node:
+        if rule_for(node) is None or not node.output:
+            continue
+        if node.op_type in OUTPUT_PARAMETERS:
+            scale, zero_point = (_input(node, i) for i in OUTPUT_PARAMETERS[node.op_type])
+            if scale and np.size(constants.get(scale, [0, 0])) == 1:
+                found[node.output[0]] = (scale, zero_point)
+        elif node.op_type in MOVES_VALUES and node.input and node.input[0] in found:
+            moved = node.output if node.op_type == "Split" else node.output[:1]   # not MaxPool's indices
+            found.update({o: found[node.input[0]] for o in moved if o})
+    return found
+
+
+def real_view(name, scale, zero_point):
+    """The node that shows a quantised tensor as its real values, REAL_PREFIX + name."""
+    return helper.make_node("DequantizeLinear", [name, scale] + ([zero_point] if zero_point else []),
+                            [REAL_PREFIX + name], name=REAL_PREFIX + name)
+
+
+def quantise_values(value, scale, zero_point, elem_type):
+    """Real values as the integers of a quantised tensor: saturate(round(v / s) + zp) (ties to even,
+    as QuantizeLinear rounds)."""
+    q_min, q_max = QUANTISED_RANGES[elem_type]
+    q = np.rint(np.asarray(value, np.float64) / float(np.asarray(scale))) + float(np.asarray(zero_point))
+    return np.clip(q, q_min, q_max).astype(helper.tensor_dtype_to_np_dtype(elem_type))
