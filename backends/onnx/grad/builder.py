@@ -256,6 +256,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
                                 + (f"; closest: {', '.join(close)}" if close else "; see `multisal layers MODEL`"))
     wrt = ([inp] if request.input_grad else []) + list(request.layers)
     constants = {**shape_constants, **constant_values(model)}
+    constants.update(quantization.dequantised_constants(model, constants))
     quantised = quantization.quantised_tensors(model, constants)
     for layer in request.layers:
         if dtypes[layer] not in FLOAT_TYPES and layer not in quantised:

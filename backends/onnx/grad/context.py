@@ -137,6 +137,7 @@ class GradContext:
         self.scope = GRADIENT_SCOPE   # the builder names the node whose gradient is being written
         self._count = 0
         self.deferred = {}            # tensor name -> what writes it, called when a node first reads it
+        self.notes = {}               # what one rule tells another about a gradient it wrote
 
     # ---- what a rule may ask --------------------------------------------------------------------
     def needs(self, node, i: int) -> bool:

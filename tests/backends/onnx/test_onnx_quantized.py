@@ -63,7 +63,8 @@ FAMILIES = {
     "resnet": (lambda: tvm.resnet18(num_classes=10), 64, 2,
                {"qdq": (0.75, 0.99), "dynamic": (0.8, 0.99), "qoperator": (0.72, 0.99)}),
     "mobilenet_v2": (_mobilenet_v2, 64, 2, {"qdq-uint8": (0.72, 0.99), "dynamic": (0.75, 0.99)}),
-    "squeezenet": (lambda: tvm.squeezenet1_1(num_classes=10), 64, 2, {"qdq-channel": (0.75, 0.99), "dynamic": (0.8, 0.99)}),
+    "squeezenet": (lambda: tvm.squeezenet1_1(num_classes=10), 64, 2, {"qdq-channel": (0.75, 0.99), "dynamic": (0.8, 0.99),
+                                                                   "qoperator": (0.7, 0.99)}),
     "shufflenet_v2": (_shufflenet_v2, 64, 2, {"qdq-channel": (0.85, 0.99), "dynamic": (0.85, 0.99)}),
     # Dynamic quantisation changes EfficientNet-Lite0 itself (per-tensor int8 depthwise weights): its
     # logits move away from the float model's, and its maps with them (README).

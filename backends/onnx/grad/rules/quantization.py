@@ -175,20 +175,34 @@ def _written_real(ctx, q, scale, zero_point, axis, rank, float_type):
     return real
 
 
-def inside(ctx, x, low, high, to):
-    """[low <= x <= high] as 0/1 of type `to`."""
-    clipped = ctx.emit("Or", [ctx.emit("Less", [x, low]), ctx.emit("Greater", [x, high])])
-    return ctx.emit("Cast", [ctx.emit("Not", [clipped])], to=to)
+def _clip(ctx, x, low, high, dtype):
+    """Clip(x, low, high), scalar bounds, in the model's opset form (bounds as inputs from 11)."""
+    if ctx.opset >= 11:
+        return ctx.emit("Clip", [x, ctx.const(low, dtype=dtype), ctx.const(high, dtype=dtype)])
+    return ctx.emit("Clip", [x], min=float(low), max=float(high))
+
+
+def _inverse(ctx, scale, axis, rank, to):
+    """1 / scale, broadcastable against a tensor of `rank`."""
+    value = _broadcast_value(ctx, scale, axis, rank)
+    if value is not None:
+        return ctx.const(1.0 / value, dtype=helper.tensor_dtype_to_np_dtype(to))
+    return ctx.emit("Reciprocal", [_parameter(ctx, scale, axis, rank, to)])
+
+
+def unclipped(ctx, x, clipped, to):
+    """[x equals its clipped value] as 0/1 of type `to`, applied with Mul (onnxruntime runs Where
+    several times slower)."""
+    return ctx.emit("Cast", [ctx.emit("Equal", [clipped, x])], to=to)
 
 
 def requantisation_mask(ctx, node, y, float_type):
-    """The straight-through mask of an output's requantisation, [q_min < y < q_max], read off the
+    """[q_min < y < q_max]: the straight-through mask of an output's requantisation, read off the
     integer output y."""
     q_min, q_max = _q_range(ctx, node, ctx.dtypes[y])
     real = ctx.emit("Cast", [y], to=float_type)
-    within = ctx.emit("And", [ctx.emit("Greater", [real, ctx.const(q_min, dtype=helper.tensor_dtype_to_np_dtype(float_type))]),
-                              ctx.emit("Less", [real, ctx.const(q_max, dtype=helper.tensor_dtype_to_np_dtype(float_type))])])
-    return ctx.emit("Cast", [within], to=float_type)
+    clipped = _clip(ctx, real, q_min + 1, q_max - 1, helper.tensor_dtype_to_np_dtype(float_type))
+    return unclipped(ctx, real, clipped, float_type)
 
 
 # ---- QuantizeLinear / DequantizeLinear / DynamicQuantizeLinear ----------------------------------------
@@ -199,23 +213,36 @@ def quantize_linear(ctx, node, dys):
     x, scale, zero_point = node.input[0], node.input[1], _input(node, 2)
     _refuse_blocks(ctx, node)
     rank, axis, x_type = ctx.rank(x), int(ctx.attr(node, "axis", 1)), ctx.dtypes[x]
-    bounds = []
-    for bound in _q_range(ctx, node, _quantised_type(ctx, node, zero_point)):
-        value = _constant_real(ctx, bound, scale, zero_point, axis, rank, x_type)
-        bounds.append(ctx.const(value, dtype=value.dtype) if value is not None else
-                      _written_real(ctx, ctx.const(bound, dtype=helper.tensor_dtype_to_np_dtype(x_type)),
-                                    scale, zero_point, axis, rank, x_type))
-    mask = inside(ctx, x, bounds[0], bounds[1], x_type)
-    dx = ctx.emit("Div", [ctx.emit("Mul", [dys[0], mask]), _parameter(ctx, scale, axis, rank, x_type)])
+    np_type = helper.tensor_dtype_to_np_dtype(x_type)
+    bounds = [_constant_real(ctx, bound, scale, zero_point, axis, rank, x_type)
+              for bound in _q_range(ctx, node, _quantised_type(ctx, node, zero_point))]
+    if all(b is not None and b.size == 1 for b in bounds):
+        clipped = _clip(ctx, x, bounds[0].item(), bounds[1].item(), np_type)
+    else:   # per channel, or parameters computed at run time
+        low, high = (ctx.const(b, dtype=np_type) if b is not None else
+                     _written_real(ctx, ctx.const(bound, dtype=np_type), scale, zero_point, axis, rank, x_type)
+                     for b, bound in zip(bounds, _q_range(ctx, node, _quantised_type(ctx, node, zero_point))))
+        clipped = ctx.emit("Max", [ctx.emit("Min", [x, high]), low])
+    mask = unclipped(ctx, x, clipped, x_type)
+    pair = ctx.notes.get(dys[0])
+    if pair is not None and pair[1:] == (scale, axis):   # dq = dy s from a DequantizeLinear of q: s / s = 1
+        dx = ctx.emit("Mul", [pair[0], mask])
+    else:
+        dx = ctx.emit("Mul", [ctx.emit("Mul", [dys[0], mask]), _inverse(ctx, scale, axis, rank, x_type)])
     return [dx] + [None] * (len(node.input) - 1)
 
 
 @rule("DequantizeLinear")
 def dequantize_linear(ctx, node, dys):
-    """dq = dx s, per tensor or along `axis` (DequantizeLinear of a constant is never differentiated)."""
+    """dq = dx s, per tensor or along `axis` (DequantizeLinear of a constant is never differentiated).
+    It is written only if read: a QuantizeLinear whose output only this node reads, with the same
+    scale (a QDQ pair), takes dx itself, as its 1 / s cancels this s."""
     _refuse_blocks(ctx, node)
-    q, scale = node.input[0], node.input[1]
-    dq = ctx.emit("Mul", [dys[0], _along(ctx, scale, int(ctx.attr(node, "axis", 1)), ctx.rank(q))])
+    q, scale, axis = node.input[0], node.input[1], int(ctx.attr(node, "axis", 1))
+    dq = ctx.tensor_name("scaled")
+    ctx.defer(dq, lambda: ctx.nodes.append(helper.make_node("Mul", [dys[0], _along(ctx, scale, axis, ctx.rank(q))],
+                                                             [dq], name=dq)))
+    ctx.notes[dq] = (dys[0], scale, axis)
     return [dq] + [None] * (len(node.input) - 1)
 
 
@@ -282,19 +309,33 @@ def through_float(ctx, node, dys, op_type, operands, output=None, reads_output=F
             ctx.ready(names)
             ctx.nodes.append(helper.make_node(op_type, names, [y_real], name=y_real, **attrs))
         ctx.defer(y_real, write)
-    dy = dys[0]
+    dy, y_scale = dys[0], _input(node, output[0]) if output is not None else ""
     if output is not None:
-        y_scale = _parameter(ctx, _input(node, output[0]), 1, ctx.rank(y), float_type)
-        dy = ctx.emit("Mul", [dy, ctx.emit("Div", [requantisation_mask(ctx, node, y, float_type), y_scale])])
+        dy = ctx.emit("Mul", [dy, requantisation_mask(ctx, node, y, float_type)])
     grads = [None] * len(node.input)
+    # The float rule is linear in dy: 1 / y_s is applied with each operand's scale, after it.
     for operand, dx in zip(operands, RULES[op_type](ctx, equivalent, [dy])):
         if dx is None or not ctx.needs(node, operand.index):
             continue
-        scale = _input(node, operand.scale)
-        rank = ctx.rank(node.input[operand.index])
-        grads[operand.index] = ctx.emit("Mul", [dx, _parameter(ctx, scale, operand.axis, rank, float_type)]) \
-            if scale else dx
+        factor = _operand_factor(ctx, node, operand, y_scale, float_type)
+        grads[operand.index] = dx if factor is None else ctx.emit("Mul", [dx, factor])
     return grads
+
+
+def _operand_factor(ctx, node, operand, y_scale, float_type):
+    """x_s / y_s for an operand's gradient (1 where there is no scale: None), broadcastable against it."""
+    rank = ctx.rank(node.input[operand.index])
+    scale = _input(node, operand.scale)
+    values = [_broadcast_value(ctx, scale, operand.axis, rank) if scale else 1.0,
+              _broadcast_value(ctx, y_scale, 1, rank) if y_scale else 1.0]
+    if values[0] is not None and values[1] is not None:
+        value = np.asarray(values[0] / values[1])
+        return None if np.all(value == 1.0) else ctx.const(value, dtype=helper.tensor_dtype_to_np_dtype(float_type))
+    factor = _parameter(ctx, scale, operand.axis, rank, float_type) if scale else None
+    if y_scale:
+        inverse = _inverse(ctx, y_scale, 1, rank, float_type)
+        factor = inverse if factor is None else ctx.emit("Mul", [factor, inverse])
+    return factor
 
 
 def _channels_first(ctx, node):
@@ -405,3 +446,30 @@ def quantise_values(value, scale, zero_point, elem_type):
     q_min, q_max = QUANTISED_RANGES[elem_type]
     q = np.rint(np.asarray(value, np.float64) / float(np.asarray(scale))) + float(np.asarray(zero_point))
     return np.clip(q, q_min, q_max).astype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def dequantised_constants(model, constants):
+    """{name: value} of each DequantizeLinear of constants (a QDQ model's weights and biases), so
+    that rules see those weights as the constants they are (Conv's fast input gradients need
+    them). The nodes stay in the forward graph: with float weights in their place onnxruntime
+    picks other convolution kernels, whose float rounding moves values across rounding steps of
+    the next QuantizeLinear (README, "Quantised and half-precision models"), and the gradient
+    graph's forward pass would no longer be the model's."""
+    folded = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or rule_for(node) is None \
+                or any(i and i not in constants for i in node.input):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("block_size"):
+            continue
+        q, scale = np.asarray(constants[node.input[0]]), np.asarray(constants[node.input[1]])
+        zero_point = np.asarray(constants[node.input[2]]).astype(np.float64) if _input(node, 2) else 0.0
+        axis, rank = attrs.get("axis", 1), q.ndim
+        trailing = [1] * (rank - 1 - normalize_axis(axis, rank)) if rank else []
+        per_axis = scale.ndim == 1 and scale.size > 1
+        s64 = scale.astype(np.float64).reshape(-1, *trailing) if per_axis else scale.astype(np.float64)
+        if per_axis and np.ndim(zero_point):
+            zero_point = zero_point.reshape(-1, *trailing)
+        folded[node.output[0]] = ((q.astype(np.float64) - zero_point) * s64).astype(scale.dtype)
+    return folded
