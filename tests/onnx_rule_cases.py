@@ -236,7 +236,7 @@ CASES = [
     # ---- quantization: QDQ round trips against a clip to the representable range
     Case("QuantizeLinear", (node("QuantizeLinear", "x", "s", "z", out="q"), node("DequantizeLinear", "q", "s", "z")),
          initializers={"s": np.float32(1 / 32), "z": np.int8(3), "lo": bounds(1 / 32, 3)[0], "hi": bounds(1 / 32, 3)[1]},
-         opsets=(13, 21), label="int8",
+         opsets=(11, 13, 21), label="int8",
          draw=uniform(-6, 6, bounds(1 / 32, 3)), reference=(node("Clip", "x", "lo", "hi"),)),
     Case("QuantizeLinear", (node("QuantizeLinear", "x", "s", "z", out="q", axis=1),
                             node("DequantizeLinear", "q", "s", "z", axis=1)),

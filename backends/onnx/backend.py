@@ -203,12 +203,12 @@ class OnnxBackend(Backend):
         graph order: the layers Grad-CAM can use."""
         shapes, dtypes, _ = self._probe(sample_shape)
         nhwc = _channels_last(self.model, shapes)
-        quantised = self._quantised_tensors()
+        quantised = self.quantised_layers()
         return [(o, shapes[o][1:]) for node in self.model.graph.node for o in node.output
                 if o and (dtypes.get(o) in FLOAT_TYPES or o in quantised) and len(shapes.get(o, ())) == 4
                 and shapes[o][2] * shapes[o][3] > 1 and o not in nhwc]
 
-    def _quantised_tensors(self):
+    def quantised_layers(self):
         """{tensor: (scale, zero point)}: the integer tensors of a quantised model that stand for real
         values; as layers they are shown as those values (rules/quantization.py)."""
         if self._quantised is None:
@@ -281,7 +281,7 @@ class OnnxBackend(Backend):
             shapes, dtypes, _ = self._probe(x.shape[1:])
             m = onnx.ModelProto()
             m.CopyFrom(self.model)
-            quantised = self._quantised_tensors()
+            quantised = self.quantised_layers()
             for name in layers:
                 shown, dtype = name, dtypes[name]
                 if name in quantised:
@@ -308,9 +308,9 @@ class OnnxBackend(Backend):
             if value.shape[1:] != shapes[name][1:]:
                 raise MultisalError(f"replace[{name!r}] has shape {value.shape}; layer {name!r} gives "
                                     f"{('N', *shapes[name][1:])} for these inputs")
-            if name in self._quantised_tensors():   # given as real values, as the layer is shown
+            if name in self.quantised_layers():   # given as real values, as the layer is shown
                 constants = constant_values(self.model)
-                scale, zero_point = self._quantised_tensors()[name]
+                scale, zero_point = self.quantised_layers()[name]
                 feeds[name] = quantization.quantise_values(value, constants[scale], constants.get(zero_point, 0),
                                                            dtypes[name])
                 continue

@@ -175,3 +175,15 @@ def test_gradient_methods_run_on_every_format(method, kwargs, variant, quantised
     family, backend = quantised("resnet", variant)
     result = method(backend, family.x, family.target, **kwargs)
     assert np.isfinite(result).all() and np.abs(result).max() > 0
+
+
+def test_a_quantised_layer_is_shown_and_replaced_as_real_values(quantised):
+    """QOperator: the default layer is an integer tensor, shown as (q - zp) s; fed back those
+    values (quantised again, exactly), the model gives its own outputs."""
+    family, backend = quantised("resnet", "qoperator")
+    layer = backend.default_layer(family.x.shape[1:])
+    assert layer in backend.quantised_layers()
+    shown = backend.run(family.x, layers=[layer])
+    assert shown.activations[layer].dtype.kind == "f" and np.abs(shown.activations[layer]).max() > 0
+    replaced = backend.run(family.x, replace={layer: shown.activations[layer]})
+    np.testing.assert_array_equal(replaced.outputs, shown.outputs)
