@@ -54,6 +54,8 @@ QUANTISED_RANGES = {
     23: (-6.0, 6.0),                                                        # FLOAT4E2M1
 }
 UINT8 = 2
+# The quantised ops of onnxruntime's com.microsoft domain that have rules (registered below).
+CONTRIB_OPS = set()
 # Ops whose outputs of these indices carry a gradient whatever their element type.
 QUANTISED_OUTPUTS = {}
 # Ops that only move values: an integer output carries a gradient when a data input of its type does.
@@ -72,9 +74,6 @@ def quantised(*op_types, outputs=(0,), contrib=False):
                 CONTRIB_OPS.add(op)
         return rule(*op_types)(fn)
     return register
-
-
-CONTRIB_OPS = set()
 
 
 def rule_for(node):
