@@ -91,9 +91,9 @@ def constant_values(model):
 
 
 INT_TYPES = {INT64, INT32}
-INT8 = 3
-# Element types numpy has no dtype for in onnxruntime's hands (INT4, UINT4, INT2, UINT2, FLOAT4E2M1).
-SUB_BYTE_TYPES = {22, 21, 26, 25, 23}
+# Element types onnxruntime hands over to numpy as no dtype or as their bytes: INT4, UINT4, INT2,
+# UINT2, FLOAT4E2M1 and the float8 types.
+UNFETCHED_TYPES = {22, 21, 26, 25, 23, 17, 18, 19, 20}
 PROBE_PREFIX = "multisal_probe:"
 # Ops whose output depends on their input's shape, not its values; and ops that draw at random.
 SHAPE_ONLY_OPS = {"Shape", "Size", "EyeLike"}
@@ -131,14 +131,14 @@ def probe(model, sample_shape, batch, source="the model"):
     probe_model = onnx.ModelProto()
     probe_model.CopyFrom(model)
     known = {o.name for o in probe_model.graph.output}
-    probed_as = {}   # probe output -> the tensor it shows: sub-byte types come through a Cast to int8
+    probed_as = {}   # probe output -> the tensor it shows: UNFETCHED_TYPES come through a Cast to float
     for node in list(probe_model.graph.node):
         for name in node.output:
             if not name or name in known:
                 continue
-            if types.get(name) in SUB_BYTE_TYPES:
+            if types.get(name) in UNFETCHED_TYPES:
                 probed_as[PROBE_PREFIX + name] = name
-                probe_model.graph.node.append(helper.make_node("Cast", [name], [PROBE_PREFIX + name], to=INT8))
+                probe_model.graph.node.append(helper.make_node("Cast", [name], [PROBE_PREFIX + name], to=FLOAT))
                 probe_model.graph.output.append(onnx.ValueInfoProto(name=PROBE_PREFIX + name))
             elif types.get(name):
                 probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
@@ -163,10 +163,12 @@ def probe(model, sample_shape, batch, source="the model"):
     value_free = value_free_tensors(model)
     for name, value in values.items():
         value = np.asarray(value)
-        name = probed_as.get(name, name)
-        shapes[name] = tuple(value.shape)
-        # onnxruntime hands float8 tensors over as their bytes: the type is onnx's where it knows it.
-        dtypes[name] = types.get(name) or onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        shapes[probed_as.get(name, name)] = tuple(value.shape)
+        if name in probed_as:
+            name = probed_as[name]
+            dtypes[name] = types[name]
+            continue
+        dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         if dtypes[name] in INT_TYPES and value.size <= 64 and name in value_free \
                 and np.array_equal(value, np.asarray(other[name])):
             shape_constants[name] = value
