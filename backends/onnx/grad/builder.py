@@ -317,13 +317,14 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     for name in wrt:
         ctx.scope = grad_output_node(name)
         output_types[name] = dtypes[name]
-        # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
-        wrt_totals[name] = total(name) or ctx.zeros_like(name)
         if name in quantised:   # a quantised layer: the gradient with respect to its real values, dq / s
             scale = quantised[name][0]
             output_types[name] = dtypes[scale]
             grad = total(name) or ctx.emit("Cast", [ctx.zeros_like(name)], to=output_types[name])
             wrt_totals[name] = ctx.emit("Div", [grad, scale])
+        else:
+            # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
+            wrt_totals[name] = total(name) or ctx.zeros_like(name)
     result = onnx.ModelProto()
     result.CopyFrom(model)
     g = result.graph
