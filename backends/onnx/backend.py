@@ -26,7 +26,9 @@ from multisal.modelspec import call_factory, model_kind
 from multisal.objectives import Region, check_objective, check_target_range, is_argmax_per_sample
 from multisal.registry import register_backend
 
-from .grad.builder import FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, grad_name, graph_input, probe
+from .grad.builder import (FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, constant_values, grad_name,
+                            graph_input, probe)
+from .grad.rules import quantization
 from . import runtime
 from .grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
 from .model import exported_model, prepare_model
@@ -113,6 +115,7 @@ class OnnxBackend(Backend):
         self._digest = hashlib.sha256(self.model.SerializeToString()).hexdigest()
         self._sessions = {}
         self._probes = {}
+        self._quantised = None
         self._sample_bytes = {}
 
     # ---- from a configuration ------------------------------------------------------------------
@@ -215,9 +218,17 @@ class OnnxBackend(Backend):
         graph order: the layers Grad-CAM can use."""
         shapes, dtypes, _ = self._probe(sample_shape)
         nhwc = _channels_last(self.model, shapes)
+        quantised = self.quantised_layers()
         return [(o, shapes[o][1:]) for node in self.model.graph.node for o in node.output
-                if o and dtypes.get(o) in FLOAT_TYPES and len(shapes.get(o, ())) == 4
+                if o and (dtypes.get(o) in FLOAT_TYPES or o in quantised) and len(shapes.get(o, ())) == 4
                 and shapes[o][2] * shapes[o][3] > 1 and o not in nhwc]
+
+    def quantised_layers(self):
+        """{tensor: (scale, zero point)}: the integer tensors of a quantised model that stand for real
+        values; as layers they are shown as those values (rules/quantization.py)."""
+        if self._quantised is None:
+            self._quantised = quantization.quantised_tensors(self.model, constant_values(self.model))
+        return self._quantised
 
     def _activation_bytes(self, sample_shape):
         """{tensor: bytes per sample} of every node output, at each tensor's own width."""
@@ -288,8 +299,13 @@ class OnnxBackend(Backend):
             shapes, dtypes, _ = self._probe(x.shape[1:])
             m = onnx.ModelProto()
             m.CopyFrom(self.model)
+            quantised = self.quantised_layers()
             for name in layers:
-                m.graph.output.append(helper.make_tensor_value_info(name, dtypes[name], ["N", *shapes[name][1:]]))
+                shown, dtype = name, dtypes[name]
+                if name in quantised:
+                    m.graph.node.append(quantization.real_view(name, *quantised[name]))
+                    shown, dtype = quantization.REAL_PREFIX + name, dtypes[quantised[name][0]]
+                m.graph.output.append(helper.make_tensor_value_info(shown, dtype, ["N", *shapes[name][1:]]))
             self._sessions[key] = self._session(m.SerializeToString())
         session = self._sessions[key]
         values = runtime.run(session, {self.input_name: self._as_input(x)}, self.source)
@@ -310,6 +326,12 @@ class OnnxBackend(Backend):
             if value.shape[1:] != shapes[name][1:]:
                 raise MultisalError(f"replace[{name!r}] has shape {value.shape}; layer {name!r} gives "
                                     f"{('N', *shapes[name][1:])} for these inputs")
+            if name in self.quantised_layers():   # given as real values, as the layer is shown
+                constants = constant_values(self.model)
+                scale, zero_point = self.quantised_layers()[name]
+                feeds[name] = quantization.quantise_values(value, constants[scale], constants.get(zero_point, 0),
+                                                           dtypes[name])
+                continue
             feeds[name] = value.astype(helper.tensor_dtype_to_np_dtype(dtypes[name]), copy=False)
         key = ("replace", tuple(sorted(replace)))
         if key not in self._sessions:

@@ -4,8 +4,9 @@
    things like ConvTranspose's output padding; the batch axis is probed at 2 where it is free).
    Zero Pads that only convolutions read are folded into their pads (fold_pads_into_convs).
 2. Forward from the differentiated tensors (the input and/or the layers) mark what depends on them,
-   through float tensors only: integer and shape paths (Shape, Gather on shapes, Range, Cast to
-   int, ...) never carry a gradient.
+   through float tensors and quantised ones (rules/quantization.py: integers that stand for real
+   values); other integer and shape paths (Shape, Gather on shapes, Range, Cast to int, ...) never
+   carry a gradient.
 3. Backward from the explained output keep the nodes on a path between the two; only those are
    differentiated, in reverse order, each by its op's rule, so Grad-CAM writes no backward below
    its layer and no parameter gradient is ever formed.
@@ -31,6 +32,7 @@ from .context import (FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, 
 from .objective import build_objective
 # Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
 from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
+from .rules import quantization
 from .rules import shape as shape_rules
 
 onnx = lazy_import("onnx")
@@ -100,6 +102,10 @@ def constant_values(model):
 
 
 INT_TYPES = {INT64, INT32}
+# Element types onnxruntime hands over to numpy as no dtype or as their bytes: INT4, UINT4, INT2,
+# UINT2, FLOAT4E2M1 and the float8 types.
+UNFETCHED_TYPES = {22, 21, 26, 25, 23, 17, 18, 19, 20}
+PROBE_PREFIX = "multisal_probe:"
 # Ops whose output depends on their input's shape, not its values; and ops that draw at random.
 SHAPE_ONLY_OPS = {"Shape", "Size", "EyeLike"}
 RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -136,11 +142,20 @@ def probe(model, sample_shape, batch, source="the model"):
     probe_model = onnx.ModelProto()
     probe_model.CopyFrom(model)
     known = {o.name for o in probe_model.graph.output}
-    for node in probe_model.graph.node:
+    probed_as = {}   # probe output -> the tensor it shows: UNFETCHED_TYPES come through a Cast to float
+    for node in list(probe_model.graph.node):
         for name in node.output:
-            if name and name not in known and types.get(name):
+            if not name or name in known:
+                continue
+            if types.get(name) in UNFETCHED_TYPES:
+                probed_as[PROBE_PREFIX + name] = name
+                probe_model.graph.node.append(helper.make_node("Cast", [name], [PROBE_PREFIX + name], to=FLOAT))
+                probe_model.graph.output.append(onnx.ValueInfoProto(name=PROBE_PREFIX + name))
+            elif types.get(name):
                 probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
-                known.add(name)
+            elif name not in types:   # an op onnx does not know (onnxruntime's com.microsoft ones)
+                probe_model.graph.output.append(onnx.ValueInfoProto(name=name))
+            known.add(name)
     session = runtime.session(probe_model.SerializeToString(), source, optimize=False)
     inp = graph_input(model)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
@@ -159,7 +174,11 @@ def probe(model, sample_shape, batch, source="the model"):
     value_free = value_free_tensors(model)
     for name, value in values.items():
         value = np.asarray(value)
-        shapes[name] = tuple(value.shape)
+        shapes[probed_as.get(name, name)] = tuple(value.shape)
+        if name in probed_as:
+            name = probed_as[name]
+            dtypes[name] = types[name]
+            continue
         dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         if dtypes[name] in INT_TYPES and value.size <= 64 and name in value_free \
                 and np.array_equal(value, np.asarray(other[name])):
@@ -236,12 +255,13 @@ def fold_pads_into_convs(model, ctx, keep=()):
 
 def gradient_path(graph, wrt, output, dtypes):
     """What a gradient of `output` with respect to the tensors `wrt` flows through: (the tensors
-    that depend on wrt through float tensors, the tensors on a path from wrt to output, the nodes
+    that depend on wrt through float tensors or quantised ones (quantization.carries_gradient), the tensors on a path from wrt to output, the nodes
     on such a path in reverse graph order, the ones to differentiate)."""
     depends = set(wrt)
     for node in graph.node:
         if any(i in depends for i in node.input if i):
-            depends.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
+            depends.update(o for k, o in enumerate(node.output)
+                           if o and quantization.carries_gradient(node, k, dtypes, depends))
     needed, active_nodes = {output}, []
     for node in reversed(graph.node):
         if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
@@ -335,6 +355,12 @@ def _gradient_model(model, request, sample_shape, batch, source):
                                 + (f"; closest: {', '.join(close)}" if close else "; see `multisal layers MODEL`"))
     wrt = ([inp] if request.input_grad else []) + list(request.layers)
     constants = {**shape_constants, **constant_values(model)}
+    constants.update(quantization.dequantised_constants(model, constants))
+    quantised = quantization.quantised_tensors(model, constants)
+    for layer in request.layers:
+        if dtypes[layer] not in FLOAT_TYPES and layer not in quantised:
+            raise MultisalError(f"layer {layer!r} is an integer tensor with no scale of its own (not a quantised "
+                                "op's output): name a float layer or a quantised one")
     model = fold_pads_into_convs(model, GradContext(opset, shapes, dtypes, constants, set()), keep=request.layers)
     graph = model.graph
 
@@ -376,11 +402,18 @@ def _gradient_model(model, request, sample_shape, batch, source):
             if dx is not None and ctx.needs(node, i):
                 grads.setdefault(node.input[i], []).append(dx)
 
-    wrt_totals = {}
+    wrt_totals, output_types = {}, {}
     for name in wrt:
         ctx.scope = grad_output_node(name)
-        # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
-        wrt_totals[name] = total(name) or ctx.zeros_like(name)
+        output_types[name] = dtypes[name]
+        if name in quantised:   # a quantised layer: the gradient with respect to its real values, dq / s
+            scale = quantised[name][0]
+            output_types[name] = dtypes[scale]
+            grad = total(name) or ctx.emit("Cast", [ctx.zeros_like(name)], to=output_types[name])
+            wrt_totals[name] = ctx.emit("Div", [grad, scale])
+        else:
+            # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
+            wrt_totals[name] = total(name) or ctx.zeros_like(name)
     result = onnx.ModelProto()
     result.CopyFrom(model)
     g = result.graph
@@ -390,10 +423,14 @@ def _gradient_model(model, request, sample_shape, batch, source):
     g.output.extend(extra_outputs)
     for name in wrt:
         g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=grad_output_node(name)))
-        g.output.append(helper.make_tensor_value_info(grad_name(name), dtypes[name], _batched(shapes[name])))
+        g.output.append(helper.make_tensor_value_info(grad_name(name), output_types[name], _batched(shapes[name])))
     for name in request.layers:
-        g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))
-        g.output.append(helper.make_tensor_value_info(act_name(name), dtypes[name], _batched(shapes[name])))
+        shown = name
+        if name in quantised:
+            g.node.append(quantization.real_view(name, *quantised[name]))
+            shown = quantization.REAL_PREFIX + name
+        g.node.append(helper.make_node("Identity", [shown], [act_name(name)], name=f"multisal_act_out/{name}"))
+        g.output.append(helper.make_tensor_value_info(act_name(name), output_types[name], _batched(shapes[name])))
     declare_as_probed(g, shapes)
     return result
 

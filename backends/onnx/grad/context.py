@@ -31,6 +31,10 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 INT64_MIN = int(np.iinfo(np.int64).min)
 
 RULES: Dict[str, Callable] = {}
+# onnxruntime's contrib domain, and those of its ops (the quantised ones onnxruntime's quantiser
+# writes) that have rules under the same op name (registered by rules/quantization.py).
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_OPS = set()
 # The opsets the rules are written for: below, a rule may need an op the model's opset lacks, and
 # the gradient graph is then built on the model converted to a newer one (builder.py).
 RULES_OPSET = 11
@@ -49,8 +53,11 @@ def rule(*op_types):
 
 
 def rule_for(node):
-    """The gradient rule registered for a node's op, or None where there is none."""
-    return RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    """The gradient rule registered for a node's op (the default domain's ops, and the com.microsoft
+    ops in CONTRIB_OPS), or None where there is none."""
+    if node.domain in ("", "ai.onnx") or (node.domain == CONTRIB_DOMAIN and node.op_type in CONTRIB_OPS):
+        return RULES.get(node.op_type)
+    return None
 
 
 def elementwise(*op_types, of, divide=False):
@@ -149,6 +156,8 @@ class GradContext:
         self.initializers = []
         self.scope = GRADIENT_SCOPE   # the builder names the node whose gradient is being written
         self._count = 0
+        self.deferred = {}            # tensor name -> what writes it, called when a node first reads it
+        self.notes = {}               # what one rule tells another about a gradient it wrote
 
     @property
     def float_type(self):
@@ -211,10 +220,28 @@ class GradContext:
     def emit(self, op_type, inputs, outputs=1, domain="", **attrs):
         """Append a node; returns its output name (or names when outputs > 1): the node's own name,
         with :<i> after it when it has several."""
+        self.ready(inputs)
         name = self._name(op_type)
         names = [name] if outputs == 1 else [f"{name}:{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
+
+    def defer(self, name, write):
+        """Makes `name` a tensor that `write()` puts into the graph (nodes or an initializer of
+        that name) only when an emitted node first reads it: the dequantised operands of a
+        quantised op, which its float rule may or may not read (onnxruntime runs nodes whose
+        output nothing reads)."""
+        self.deferred[name] = write
+
+    def tensor_name(self, hint):
+        """A fresh tensor name in the rule's scope, for a tensor the rule makes itself."""
+        return self._name(hint)
+
+    def ready(self, inputs):
+        """Writes those of `inputs` that are deferred, before a node reads them."""
+        for tensor in inputs:
+            if tensor in self.deferred:
+                self.deferred.pop(tensor)()
 
     def const(self, value, dtype=None, hint="const") -> str:
         name = self._name(hint)
