@@ -430,6 +430,34 @@ class _TorchOps:
     def constant(self, array):
         return torch.from_numpy(np.asarray(array)).to(self.device)
 
+    @staticmethod
+    def take(x, axis, start, stop):
+        return x.narrow(axis, start, stop - start)
+
+    @staticmethod
+    def add(a, b):
+        return a + b
+
+    @staticmethod
+    def sub(a, b):
+        return a - b
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.minimum(a, b)
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.maximum(a, b)
+
+    @staticmethod
+    def at_least(a, b):
+        return (a >= b).to(a.dtype)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x.detach()
+
 
 def _relative_error(actual, expected):
     """Relative L2 error, in float64."""
