@@ -14,10 +14,11 @@ import os
 
 import cv2
 import numpy as np
+from PIL import Image
 from skimage import data
 
 import multisal as ms
-from multisal.app.render import grid, overlay, save_png
+from multisal.app.render import grid, overlay
 
 FACE_FEMALE = 1
 LAYER = "/model.18/cv2/act/Mul_output_0"   # the neck's stride-16 output (128, 20, 20) at 320x320
@@ -49,7 +50,9 @@ def main():
         return rgb
 
     columns = [("FACE_FEMALE box", boxed(view))] + [(name, boxed(overlay(view, m))) for name, m in maps.items()]
-    print(save_png(args.out, grid(columns, cell=240)))
+    # 256 colours keep the README's picture small.
+    Image.fromarray(grid(columns, cell=200)).quantize(colors=256).save(args.out, optimize=True)
+    print(args.out)
 
 
 if __name__ == "__main__":
