@@ -100,6 +100,17 @@ def test_the_folded_gradient_is_autograds_and_the_model_is_left_as_it_was(name):
     xt = torch.from_numpy(x).requires_grad_(True)
     (expected,) = torch.autograd.grad(net(xt)[[0, 1], [3, 7]].sum(), xt)
     assert_agree(got, expected.numpy())
+    # In float64 the folded model is the model's function up to float64 rounding: no ReLU or
+    # max-pool decision can fall the other way there, as it may in float32.
+    net64 = build()
+    net64.load_state_dict(net.state_dict())   # not a deepcopy: LeViT's bias cache holds non-leaf tensors
+    net64 = net64.double().eval()
+    folded64, _ = fold_batchnorm(net64)
+    x64 = torch.from_numpy(x).double().requires_grad_(True)
+    exact, actual = net64(x64), folded64(x64)
+    torch.testing.assert_close(actual, exact, rtol=1e-10, atol=1e-12)
+    gradients = [torch.autograd.grad(out[[0, 1], [3, 7]].sum(), x64)[0] for out in (exact, actual)]
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-9, atol=1e-12)
 
 
 def test_a_layer_inside_a_batchnorm_act_is_hooked_in_the_folded_model():
