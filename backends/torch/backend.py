@@ -245,7 +245,8 @@ class TorchBackend(Backend):
     def _fold_agrees(self, folded, probe):
         """Whether the folded module's output and input gradient (of a fixed random weighting of
         the outputs) on `probe` are the model's, up to float32 rounding; None when the model as
-        written fails on it."""
+        written fails on it. The check's passes are the backend's own: the modules' hooks (the
+        user's, a call's) are set aside while they run, so none sees a pass no call asked for."""
         def output_and_gradient(module):
             xt = torch.from_numpy(probe).to(self.device)
             if self.channels_last:
@@ -258,7 +259,7 @@ class TorchBackend(Backend):
             (grad,) = torch.autograd.grad((out * seed).sum(), xt)
             return out.detach(), grad
 
-        with self._no_parameter_grads(), torch.enable_grad():
+        with self._no_parameter_grads(), _hooks_set_aside(self.model), torch.enable_grad():
             try:
                 expected = output_and_gradient(self.model)
             except Exception:   # noqa: BLE001 - the call itself says why the model fails
@@ -457,6 +458,26 @@ class _TorchOps:
     @staticmethod
     def stop_gradient(x):
         return x.detach()
+
+
+# The per-module hook tables of torch.nn.Module (those a module has; their names vary by version).
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextmanager
+def _hooks_set_aside(model):
+    """Every module of model without hooks for the duration of the block, then with its own again."""
+    saved = [(table, dict(table)) for m in model.modules() for name in _HOOK_TABLES
+             if isinstance(table := getattr(m, name, None), dict)]
+    for table, _ in saved:
+        table.clear()
+    try:
+        yield
+    finally:
+        for table, hooks in saved:
+            table.clear()
+            table.update(hooks)
 
 
 def _relative_error(actual, expected):
