@@ -150,6 +150,8 @@ def fold_batchnorm(model, keep=(), folded_convs=None):
 
 
 def _fold_graph(model, graph, keep, folded_convs):
+    """fold_batchnorm's work on the traced graph: each BatchNorm (module or F.batch_norm call) that
+    reads a foldable conv's output is taken out, and the conv becomes its folded copy."""
     modules = dict(model.named_modules())
     calls = {}
     for node in graph.nodes:
