@@ -220,6 +220,18 @@ def test_region_objective_on_a_dense_output():
     np.testing.assert_allclose(g, expected, atol=1e-6)
 
 
+def test_region_objective_on_a_channels_last_output():
+    """ms.region(..., axis=-1) on an (N, H, W, C) output: the same map as on (N, C, H, W)."""
+    conv = L.Convolution2D(3, 2, 1, nobias=True)
+    conv.W.array[...] = np.ones((2, 3, 1, 1), np.float32)
+    be = ms.load_backend("chainer", model=chainer.Sequential(conv, lambda h: F.transpose(h, (0, 2, 3, 1))))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    g = ms.vanilla_gradient(be, x, ms.region(1, box=(1, 1, 3, 4), axis=-1), channel_reduce=None, abs=False)
+    expected = np.zeros_like(x)
+    expected[:, :, 1:3, 1:4] = 1.0
+    np.testing.assert_allclose(g, expected, atol=1e-6)
+
+
 class YoloStyle(chainer.Chain):
     """A linear map to 12 anchors of 4 + 3 values on a 4x4 input: centres in 0..4 px, sizes 0.5..2.5 px,
     sigmoid scores."""
