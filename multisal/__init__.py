@@ -27,7 +27,7 @@ from .methods.smoothgrad import smoothgrad
 from .methods.vanilla import vanilla_gradient
 from .methods.xgradcam import xgradcam
 from .noise import smooth
-from .objectives import ARGMAX_PER_SAMPLE, OBJECTIVES, Region, region
+from .objectives import ARGMAX_PER_SAMPLE, OBJECTIVES, Detections, Region, detections, region
 from .presets import Preset, get_preset
 from .registry import register_backend
 
@@ -63,7 +63,8 @@ def __dir__():
 __all__ = [
     "Backend", "ByteSize", "Result", "register_backend", "load_backend", "export_gradient_graph", "check_model",
     "MultisalError",
-    "MissingFrameworkError", "get_preset", "Preset", "region", "Region", "ARGMAX_PER_SAMPLE", "load_config",
+    "MissingFrameworkError", "get_preset", "Preset", "region", "Region", "detections", "Detections", "ARGMAX_PER_SAMPLE",
+    "load_config",
     "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc", "OBJECTIVES", "METHODS",
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",
     "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise",

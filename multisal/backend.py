@@ -37,7 +37,7 @@ import numpy as np
 from .errors import MissingFrameworkError, MultisalError
 from .frameworks import available
 from .modelspec import call_factory, model_kind
-from .objectives import check_objective, check_target, target_rows
+from .objectives import Detections, check_objective, check_target, target_rows
 
 # A call never carries more samples than this, whatever the budget.
 MAX_BATCH = 256
@@ -119,7 +119,8 @@ class Backend:
             replace: Optional[Mapping[str, np.ndarray]] = None) -> Result:
         """One pass over x. With objective None only outputs and activations are returned.
 
-        target: an int64 array (N,), ARGMAX_PER_SAMPLE (chosen from this pass's output) or a Region.
+        target: an int64 array (N,), ARGMAX_PER_SAMPLE (chosen from this pass's output), a Region or
+        Detections.
         replace: {layer: array with one row per input}: a forward-only pass (no objective, layers
         or input gradient) in which those layers output the arrays given (see the module docstring).
         """
@@ -129,6 +130,8 @@ class Backend:
         if objective is not None:
             check_objective(objective)
             target = check_target(target, len(x))
+            if isinstance(target, Detections):
+                target.check_input(x.shape)
         elif input_grad:
             raise MultisalError("an input gradient needs an objective")
         layers = list(layers)

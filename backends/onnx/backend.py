@@ -23,14 +23,14 @@ from multisal.errors import MultisalError
 from multisal.files import is_regular_file, write_atomic
 from multisal.frameworks import lazy_import
 from multisal.modelspec import call_factory, model_kind
-from multisal.objectives import Region, check_objective, check_target_range, is_argmax_per_sample
+from multisal.objectives import Detections, Region, check_objective, check_target_range, is_argmax_per_sample
 from multisal.registry import register_backend
 
 from .grad.builder import (FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, constant_values, grad_name,
                             graph_input, probe)
 from .grad.rules import quantization
 from . import runtime
-from .grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
+from .grad.objective import BOX_INPUT, CLASS_INPUT, IOU_INPUT, REGION_INPUT, TARGET_INPUT, USED_TARGET
 from .model import exported_model, prepare_model
 
 onnx = lazy_import("onnx")
@@ -269,13 +269,20 @@ class OnnxBackend(Backend):
         if objective is None:
             return self._forward(x, layers)
         region = isinstance(target, Region)
-        request = GradientRequest(layers=tuple(layers), input_grad=bool(input_grad), objective=objective, region=region)
+        output = self.model.graph.output[0].name
+        shapes, dtypes, _ = self._probe(x.shape[1:])
+        detection = target.decoding(shapes[output]) if isinstance(target, Detections) else None
+        request = GradientRequest(layers=tuple(layers), input_grad=bool(input_grad), objective=objective, region=region,
+                                  region_axis=target.axis if region else None, detection=detection)
         session = self._request_session(request, x.shape[1:])
         feeds = {self.input_name: self._as_input(x)}
         if region:
-            shapes, dtypes, _ = self._probe(x.shape[1:])
-            output = self.model.graph.output[0].name
             feeds[REGION_INPUT] = target.weights(shapes[output]).astype(helper.tensor_dtype_to_np_dtype(dtypes[output]))
+        elif detection is not None:
+            float_dtype = helper.tensor_dtype_to_np_dtype(dtypes[output])
+            feeds[BOX_INPUT] = target.box_array().astype(float_dtype)
+            feeds[IOU_INPUT] = target.iou_array().astype(float_dtype)
+            feeds[CLASS_INPUT] = target.class_weights(shapes[output]).astype(float_dtype)
         elif is_argmax_per_sample(target):
             feeds[TARGET_INPUT] = np.full(len(x), -1, np.int64)
         else:

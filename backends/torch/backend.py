@@ -40,8 +40,11 @@ torch = lazy_import("torch")
 CPU_MEMORY_BUDGET = 1 << 30
 CPU_MEMORY_BUDGET_TUNED_MALLOC = 2 << 30
 # Folding BatchNorm changes float32 rounding only (README, "Use", says by how much), so a folded
-# model further off than this from the model is not the same function and is not used.
+# model further off than this from the model, in its outputs or its input gradient, is not the
+# same function and is not used. The gradient's bound is wider: a ReLU kink that falls the other
+# way moves a few of its elements (README, "Use", says by how much); a wrong fold is off by O(1).
 _FOLD_TOLERANCE = 1e-4
+_FOLD_GRADIENT_TOLERANCE = 3e-2
 _FOLDED_VARIANTS = 4
 
 
@@ -198,7 +201,8 @@ class TorchBackend(Backend):
     # ---- BatchNorm folding --------------------------------------------------------------------
     def _model_for(self, layers, x):
         """The module a call runs: the model with its BatchNorms folded where that works and
-        computes the model's outputs on this call's first input, else the model itself."""
+        computes the model's outputs and input gradient on the first input it is checked on, else
+        the model itself. Each set of layers is traced once and checked once, whatever the verdict."""
         if not self.fold_batchnorm:
             return self.model
         state = self._weights_state()
@@ -210,35 +214,62 @@ class TorchBackend(Backend):
         if key not in self._folded:
             if len(self._folded) >= _FOLDED_VARIANTS:
                 self._folded.pop(next(iter(self._folded)))
-            try:
-                self._folded[key] = self._fold(key, x[:1])
-            except Exception:   # noqa: BLE001 - the model fails on this input: let the call report it
+            self._folded[key] = [self._fold(key), None]   # [the folded module or None, whether it agrees]
+        entry = self._folded[key]
+        folded, accepted = entry
+        if folded is None:
+            return self.model
+        if accepted is None:
+            accepted = self._fold_agrees(folded, x[:1])
+            if accepted is None:   # the model as written fails on this input: let the call report it
                 return self.model
-        return self._folded[key] or self.model
+            entry[1] = accepted
+        return folded if accepted else self.model
 
     def _weights_state(self):
         """Which tensors the model's parameters and buffers are, and how often each was changed in
         place (an optimizer step or load_state_dict bumps the count)."""
         return [(id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers())]
 
-    def _fold(self, keep, probe):
+    def _fold(self, keep):
         try:
             folded, count = fold_batchnorm(self.model, keep, self._folded_convs)
         except Exception:   # noqa: BLE001 - a model torch.fx cannot trace runs unfolded
             return None
         if count == 0:
             return None
-        probe = torch.from_numpy(probe).to(self.device)
         if self.channels_last:
             folded.to(memory_format=torch.channels_last)
-            probe = probe.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            expected, actual = self.model(probe), folded(probe)
-        if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)
-                and expected.shape == actual.shape):
-            return None
-        error = torch.linalg.vector_norm((actual - expected).double()) / torch.linalg.vector_norm(expected.double())
-        return folded if error <= _FOLD_TOLERANCE else None
+        return folded
+
+    def _fold_agrees(self, folded, probe):
+        """Whether the folded module's output and input gradient (of a fixed random weighting of
+        the outputs) on `probe` are the model's, up to float32 rounding; None when the model as
+        written fails on it. The check's passes are the backend's own: the modules' hooks (the
+        user's, a call's) are set aside while they run, so none sees a pass no call asked for."""
+        def output_and_gradient(module):
+            xt = torch.from_numpy(probe).to(self.device)
+            if self.channels_last:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            xt.requires_grad_(True)
+            out = module(xt)
+            if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.requires_grad):
+                raise TypeError("no differentiable tensor output")
+            seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+            (grad,) = torch.autograd.grad((out * seed).sum(), xt)
+            return out.detach(), grad
+
+        with self._no_parameter_grads(), _hooks_set_aside(self.model), torch.enable_grad():
+            try:
+                expected = output_and_gradient(self.model)
+            except Exception:   # noqa: BLE001 - the call itself says why the model fails
+                return None
+            try:
+                actual = output_and_gradient(folded)
+            except Exception:   # noqa: BLE001 - a graph torch.fx traced but that does not run
+                return False
+        return all(a.shape == e.shape and _relative_error(a, e) <= tol
+                   for a, e, tol in zip(actual, expected, (_FOLD_TOLERANCE, _FOLD_GRADIENT_TOLERANCE)))
 
     # ---- the seam -----------------------------------------------------------------------------
     @contextmanager
@@ -399,6 +430,60 @@ class _TorchOps:
 
     def constant(self, array):
         return torch.from_numpy(np.asarray(array)).to(self.device)
+
+    @staticmethod
+    def take(x, axis, start, stop):
+        return x.narrow(axis, start, stop - start)
+
+    @staticmethod
+    def add(a, b):
+        return a + b
+
+    @staticmethod
+    def sub(a, b):
+        return a - b
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.minimum(a, b)
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.maximum(a, b)
+
+    @staticmethod
+    def at_least(a, b):
+        return (a >= b).to(a.dtype)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x.detach()
+
+
+# The per-module hook tables of torch.nn.Module (those a module has; their names vary by version).
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextmanager
+def _hooks_set_aside(model):
+    """Every module of model without hooks for the duration of the block, then with its own again."""
+    saved = [(table, dict(table)) for m in model.modules() for name in _HOOK_TABLES
+             if isinstance(table := getattr(m, name, None), dict)]
+    for table, _ in saved:
+        table.clear()
+    try:
+        yield
+    finally:
+        for table, hooks in saved:
+            table.clear()
+            table.update(hooks)
+
+
+def _relative_error(actual, expected):
+    """Relative L2 error, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected).clamp_min(1e-300))
 
 
 def _objective(out, objective, target):

@@ -18,7 +18,7 @@ from ..errors import MultisalError
 from ..methods import METHODS
 from ..objectives import OBJECTIVES
 from ..registry import backends
-from .config import read_toml
+from .config import parse_inline_table, read_toml
 from .demo import run_demo
 from .loading import load_backend
 from .malloc import tune_malloc
@@ -30,6 +30,8 @@ EXPLAIN_EXAMPLES = """examples:
   multisal explain --config examples/torch.toml --backend onnx --target "Egyptian cat"
   multisal explain img.png --model mypkg.nets:build --preset torchvision-imagenet --layer layer4
   multisal explain skimage:chelsea --progression --method smoothgrad
+  multisal explain street.jpg --backend onnx --model yolov8n.onnx --preset raw --size 640 640 \
+      --target '{detection = {class = 0, box = [120, 40, 260, 300]}}'
 
 Options given here override the config file key by key (see README, "Configuration")."""
 
@@ -120,9 +122,12 @@ def _split_methods(values):
 
 
 def _target(text):
-    """--target: "auto", a class index or a class name."""
+    """--target: "auto", a class index, a class name, or a TOML inline table (a detection target,
+    spelt as in a configuration)."""
     if text is None:
         return None
+    if text.strip().startswith("{"):
+        return parse_inline_table(text, "--target")
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
@@ -179,7 +184,8 @@ def _run_options(p):
     p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory (a state dict / .npz)")
     p.add_argument("--preset", help="preprocessing preset (default: the model's own)")
     p.add_argument("--method", action="append", metavar="NAME[,NAME]", help="method(s) to run (repeatable; default: all)")
-    p.add_argument("--target", help='"auto" (the top class), "argmax_per_sample", a class index or a class name')
+    p.add_argument("--target", help='"auto" (the top class), "argmax_per_sample", a class index, a class name, or a '
+                   "detection: '{detection = {class = 0, box = [x1, y1, x2, y2], iou = 0.5}}'")
     p.add_argument("--layer", help="the CAM methods' layer (default: the last 4-D activation)")
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: ImageNet's for 1000 classes)")

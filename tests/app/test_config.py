@@ -36,7 +36,8 @@ ALL_METHODS = ", ".join(ms.METHODS)
     ({"methods": []}, "config key 'methods': expected a non-empty list"),
     ({"size": [224]}, "config key 'size': expected [height, width], integers 1..8192, got [224]"),
     ({"backend": "tf"}, "config key 'backend': expected one of \"torch\", \"onnx\", \"chainer\", got \"tf\""),
-    ({"target": -1}, "config key 'target': expected \"auto\", \"argmax_per_sample\", a class index >= 0 or a class name, got -1"),
+    ({"target": -1}, "config key 'target': expected \"auto\", \"argmax_per_sample\", a class index >= 0, a class name or "
+                     "{detection = {class = C, box = [x1, y1, x2, y2], iou = 0.5}}, got -1"),
     ({"target": 1.5}, "config key 'target': expected \"auto\", \"argmax_per_sample\", a class index >= 0"),
     ({"model": "resnet50"}, "config key 'model': expected a models/ name (efficientnet-lite0, vgg16-chainer), "
                             "an .onnx, .pt or .pth file, or \"package.module:factory\", got \"resnet50\""),

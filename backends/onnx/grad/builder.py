@@ -56,6 +56,10 @@ class GradientRequest:
     input_grad: bool = True
     objective: str = "logit"
     region: bool = False           # the objective's weights come from an input (dense outputs)
+    region_axis: Optional[int] = None   # a region's channel axis (multisal.objectives.Region.class_axis)
+    # (the axis of an anchor's values, whether they hold an objectness) of a detection target, whose
+    # box, IoU threshold and class are inputs; None for other targets
+    detection: Optional[Tuple[int, bool]] = None
     output: Optional[str] = None   # the explained graph output; None = the first
 
 
@@ -375,7 +379,7 @@ def _gradient_model(model, request, sample_shape, batch, source):
     # d objective / d f(output) = W (objective.py).
     first = len(ctx.nodes)
     ctx.scope = OBJECTIVE_SCOPE
-    scores, weights, extra_inputs, extra_outputs = build_objective(ctx, output, request.objective, request.region)
+    scores, weights, extra_inputs, extra_outputs = build_objective(ctx, output, request)
     objective_nodes = ctx.nodes[first:]
     for node in objective_nodes:
         if node.op_type not in SHAPE_ONLY_OPS and any(i in ctx.active for i in node.input):
