@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MultisalError
+from .errors import MissingFrameworkError, MultisalError
 from .frameworks import lazy_import
 from .methods import METHODS, PIXEL_MAPS
 
@@ -84,9 +84,13 @@ def colour_table(cmap) -> np.ndarray:
             ramp = np.arange(256, dtype=np.uint8).reshape(256, 1)
             bgr = cv2.applyColorMap(ramp, getattr(cv2, OPENCV_CMAPS[cmap]))
             return bgr[:, 0, ::-1].astype(np.float64)
-        if cmap not in matplotlib.colormaps:
+        try:
+            known = cmap in matplotlib.colormaps
+        except MissingFrameworkError:
+            known = False
+        if not known:
             raise MultisalError(f"cmap {cmap!r}: expected grey, rdbu, {', '.join(OPENCV_CMAPS)} or a matplotlib "
-                                "colour map name")
+                                "colour map name (with matplotlib installed)")
         return matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255.0
     table = np.asarray(cmap, dtype=np.float64)
     if table.ndim != 2 or table.shape[1] != 3 or len(table) < 2:
