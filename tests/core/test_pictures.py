@@ -133,6 +133,9 @@ def test_show_draws_the_photo_and_one_panel_per_method_with_colour_bars():
     assert resolved["integrated_gradients"].low == -resolved["integrated_gradients"].high
     fig = ms.show(PHOTO, [maps["smoothgrad"]], colorbar=False, columns=1)
     assert [ax.get_title() for ax in fig.axes] == ["photo", "map 0"]
+    fig = ms.show(PHOTO, maps, titles={"gradcam": "Grad-CAM"}, columns=2)
+    assert [ax.get_title() for ax in fig.axes if ax.images][:4] == ["photo", "smoothgrad", "Grad-CAM",
+                                                                    "integrated_gradients"]
 
 
 def test_grid_draws_the_colour_bar_under_each_map():
