@@ -45,6 +45,7 @@ _ELSEWHERE = {
     "Job": "multisal.app.job",
     "tune_malloc": "multisal.app.malloc",
     "export_gradient_graph": "multisal.backends.onnx.backend",
+    "check_model": "multisal.backends.onnx.check",
 }
 
 
@@ -61,7 +62,8 @@ def __dir__():
 
 
 __all__ = [
-    "Backend", "ByteSize", "Result", "register_backend", "load_backend", "export_gradient_graph", "MultisalError",
+    "Backend", "ByteSize", "Result", "register_backend", "load_backend", "export_gradient_graph", "check_model",
+    "MultisalError",
     "MissingFrameworkError", "get_preset", "Preset", "region", "Region", "ARGMAX_PER_SAMPLE", "load_config",
     "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc", "OBJECTIVES", "METHODS",
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",

@@ -26,7 +26,9 @@ from multisal.modelspec import call_factory, model_kind
 from multisal.objectives import Region, check_objective, check_target_range, is_argmax_per_sample
 from multisal.registry import register_backend
 
-from .grad.builder import FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, grad_name, probe
+from .grad.builder import (FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, constant_values, grad_name,
+                            graph_input, probe)
+from .grad.rules import quantization
 from . import runtime
 from .grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
 from .model import exported_model, prepare_model
@@ -37,7 +39,7 @@ helper = lazy_import("onnx.helper")
 
 CPU_MEMORY_BUDGET = 1 << 30
 CACHE_FALLBACK = 16 << 20   # the last-level cache assumed where the machine does not say
-CACHE_FORMAT = "6"   # bump when the gradient graphs multisal writes change
+CACHE_FORMAT = "7"   # bump when the gradient graphs multisal writes change
 
 
 def default_cache_dir() -> Path:
@@ -107,9 +109,13 @@ class OnnxBackend(Backend):
         self._input_dims = prepared.input_dims
         self.batch_one = prepared.batch_one
         self.model = prepared.model
+        # Inputs are fed in the model's own type (float16 for a half-precision model); what comes
+        # back is float32 (as_float32), what the methods compute in.
+        self.input_dtype = helper.tensor_dtype_to_np_dtype(graph_input(self.model).type.tensor_type.elem_type)
         self._digest = hashlib.sha256(self.model.SerializeToString()).hexdigest()
         self._sessions = {}
         self._probes = {}
+        self._quantised = None
         self._sample_bytes = {}
 
     # ---- from a configuration ------------------------------------------------------------------
@@ -187,9 +193,20 @@ class OnnxBackend(Backend):
             self._probes[key] = probe(self.model, key, 1 if self.batch_one else 2, self.source)
         return self._probes[key]
 
+    def probed(self, sample_shape):
+        """(shapes, element types) of every tensor for inputs of this (C, H, W), from one probe run
+        (cached); shapes at the batch the gradient graphs are built for."""
+        shapes, dtypes, _ = self._probe(sample_shape)
+        return shapes, dtypes
+
     # ---- layers -------------------------------------------------------------------------------
     def layer_names(self):
         return [o for node in self.model.graph.node for o in node.output if o]
+
+    @property
+    def input_dims(self):
+        """The input's shape as the file declares it (None for free axes), before any batch rewrite."""
+        return list(self._input_dims)
 
     @property
     def sample_shape(self):
@@ -201,9 +218,17 @@ class OnnxBackend(Backend):
         graph order: the layers Grad-CAM can use."""
         shapes, dtypes, _ = self._probe(sample_shape)
         nhwc = _channels_last(self.model, shapes)
+        quantised = self.quantised_layers()
         return [(o, shapes[o][1:]) for node in self.model.graph.node for o in node.output
-                if o and dtypes.get(o) in FLOAT_TYPES and len(shapes.get(o, ())) == 4
+                if o and (dtypes.get(o) in FLOAT_TYPES or o in quantised) and len(shapes.get(o, ())) == 4
                 and shapes[o][2] * shapes[o][3] > 1 and o not in nhwc]
+
+    def quantised_layers(self):
+        """{tensor: (scale, zero point)}: the integer tensors of a quantised model that stand for real
+        values; as layers they are shown as those values (rules/quantization.py)."""
+        if self._quantised is None:
+            self._quantised = quantization.quantised_tensors(self.model, constant_values(self.model))
+        return self._quantised
 
     def _activation_bytes(self, sample_shape):
         """{tensor: bytes per sample} of every node output, at each tensor's own width."""
@@ -246,10 +271,11 @@ class OnnxBackend(Backend):
         region = isinstance(target, Region)
         request = GradientRequest(layers=tuple(layers), input_grad=bool(input_grad), objective=objective, region=region)
         session = self._request_session(request, x.shape[1:])
-        feeds = {self.input_name: x}
+        feeds = {self.input_name: self._as_input(x)}
         if region:
-            shape = self._probe(x.shape[1:])[0][self.model.graph.output[0].name]
-            feeds[REGION_INPUT] = target.weights(shape)
+            shapes, dtypes, _ = self._probe(x.shape[1:])
+            output = self.model.graph.output[0].name
+            feeds[REGION_INPUT] = target.weights(shapes[output]).astype(helper.tensor_dtype_to_np_dtype(dtypes[output]))
         elif is_argmax_per_sample(target):
             feeds[TARGET_INPUT] = np.full(len(x), -1, np.int64)
         else:
@@ -258,12 +284,14 @@ class OnnxBackend(Backend):
             feeds[TARGET_INPUT] = np.asarray(target, np.int64)
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, runtime.run(session, feeds, f"the gradient graph of {self.source}")))
-        result = Result(outputs=values[self.model.graph.output[0].name],
-                        target=values.get(USED_TARGET),
-                        input_grad=values[grad_name(self.input_name)] if input_grad else None,
-                        activations={n: values[act_name(n)] for n in layers},
-                        gradients={n: values[grad_name(n)] for n in layers})
-        return result
+        return Result(outputs=as_float32(values[self.model.graph.output[0].name]),
+                      target=values.get(USED_TARGET),
+                      input_grad=as_float32(values[grad_name(self.input_name)]) if input_grad else None,
+                      activations={n: as_float32(values[act_name(n)]) for n in layers},
+                      gradients={n: as_float32(values[grad_name(n)]) for n in layers})
+
+    def _as_input(self, x):
+        return x.astype(self.input_dtype, copy=False)
 
     def _forward(self, x, layers):
         key = ("forward", tuple(layers))
@@ -271,13 +299,18 @@ class OnnxBackend(Backend):
             shapes, dtypes, _ = self._probe(x.shape[1:])
             m = onnx.ModelProto()
             m.CopyFrom(self.model)
+            quantised = self.quantised_layers()
             for name in layers:
-                m.graph.output.append(helper.make_tensor_value_info(name, dtypes[name], ["N", *shapes[name][1:]]))
+                shown, dtype = name, dtypes[name]
+                if name in quantised:
+                    m.graph.node.append(quantization.real_view(name, *quantised[name]))
+                    shown, dtype = quantization.REAL_PREFIX + name, dtypes[quantised[name][0]]
+                m.graph.output.append(helper.make_tensor_value_info(shown, dtype, ["N", *shapes[name][1:]]))
             self._sessions[key] = self._session(m.SerializeToString())
         session = self._sessions[key]
-        values = runtime.run(session, {self.input_name: x}, self.source)
+        values = runtime.run(session, {self.input_name: self._as_input(x)}, self.source)
         n_out = len(self.model.graph.output)
-        return Result(outputs=values[0], activations=dict(zip(layers, values[n_out:])))
+        return Result(outputs=as_float32(values[0]), activations={k: as_float32(v) for k, v in zip(layers, values[n_out:])})
 
     def _run_replaced(self, x, replace):
         """The model's own forward graph cut at the replaced tensors, which become inputs fed with
@@ -293,6 +326,12 @@ class OnnxBackend(Backend):
             if value.shape[1:] != shapes[name][1:]:
                 raise MultisalError(f"replace[{name!r}] has shape {value.shape}; layer {name!r} gives "
                                     f"{('N', *shapes[name][1:])} for these inputs")
+            if name in self.quantised_layers():   # given as real values, as the layer is shown
+                constants = constant_values(self.model)
+                scale, zero_point = self.quantised_layers()[name]
+                feeds[name] = quantization.quantise_values(value, constants[scale], constants.get(zero_point, 0),
+                                                           dtypes[name])
+                continue
             feeds[name] = value.astype(helper.tensor_dtype_to_np_dtype(dtypes[name]), copy=False)
         key = ("replace", tuple(sorted(replace)))
         if key not in self._sessions:
@@ -301,9 +340,14 @@ class OnnxBackend(Backend):
             self._sessions[key] = self._session(cut.SerializeToString(), what)
         session = self._sessions[key]
         if self.input_name in {i.name for i in session.get_inputs()}:
-            feeds[self.input_name] = x
+            feeds[self.input_name] = self._as_input(x)
         values = runtime.run(session, feeds, self.source)
-        return Result(outputs=values[0])
+        return Result(outputs=as_float32(values[0]))
+
+
+def as_float32(value):
+    """A float array of the gradient graph (float16, float64 or float32) as float32, the methods' type."""
+    return np.asarray(value).astype(np.float32, copy=False)
 
 
 def cut_at(model, names, shapes, dtypes):

@@ -1,9 +1,9 @@
-"""The `multisal` command: explain, batch, demo, methods, layers, export-grad.
+"""The `multisal` command: explain, batch, demo, methods, layers, check, export-grad.
 
 Exit status: 0 on success; 2 for bad usage, a configuration, model or output folder that cannot
 run, with one line on stderr, before anything is written; 1 when some inputs failed (each listed
 on stderr with its reason; the others still have output), or when the run itself broke off (a
-full disk); 130 on Ctrl-C. No traceback reaches the user unless MULTISAL_DEBUG=1 is set.
+full disk); 3 from `check` when only the forward-only methods can explain the model; 130 on Ctrl-C. No traceback reaches the user unless MULTISAL_DEBUG=1 is set.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import sys
 
 from ..backends.onnx.backend import export_gradient_graph
+from ..backends.onnx.check import check_model
 from ..errors import MultisalError
 from ..methods import METHODS
 from ..objectives import OBJECTIVES
@@ -83,6 +84,21 @@ def _export_grad(args):
                                     input_grad=not args.no_input_grad, input_shape=args.shape)
     print(f"wrote {path}")
     return 0
+
+
+CHECK_EXAMPLES = """examples:
+  multisal check model.onnx
+  multisal check ocr.onnx --shape 1 64 256     # an input of free size: probe it at one
+
+Exit status 0 when every op on the input gradient's path has a gradient rule (every method works),
+3 when only the forward-only methods (occlusion, rise, scorecam, ablationcam, eigencam) can explain
+the model through the ops listed without a rule."""
+
+
+def _check(args):
+    report = check_model(args.model, input_shape=args.shape)
+    print("\n".join(printable(line) for line in report.lines()))
+    return report.exit_status
 
 
 def _dimension(text):
@@ -206,6 +222,12 @@ def _parser():
     p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory")
     p.add_argument("--shape", type=_dimension, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
     p.set_defaults(func=_layers)
+
+    p = sub.add_parser("check", help="what multisal can do with an ONNX model: types, shapes, ops with and without "
+                                     "gradient rules, the methods that work", epilog=CHECK_EXAMPLES, formatter_class=raw)
+    p.add_argument("model", help="the .onnx model")
+    p.add_argument("--shape", type=_dimension, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
+    p.set_defaults(func=_check)
 
     p = sub.add_parser("export-grad", help="write the gradient graph of an ONNX model as a plain .onnx",
                        epilog="example: multisal export-grad model.onnx model.grad.onnx --layer features.29 --objective logit")

@@ -115,7 +115,9 @@ def test_samples_are_independent(x, objective):
     for i in range(len(x)):
         one = be.run(x[i:i + 1], objective, "argmax_per_sample", input_grad=True)
         assert one.target[0] == batch.target[i]
-        assert_agree(batch.input_grad[i:i + 1], one.input_grad, tol=1e-5)
+        # 1e-4: a leak between samples moves a gradient by far more; a batch of one and a batch of
+        # several take other BLAS blockings, whose float32 rounding reached 1.3e-5 on some CPUs.
+        assert_agree(batch.input_grad[i:i + 1], one.input_grad, tol=1e-4)
 
 
 def test_argmax_target_is_decided_per_pass(x):
