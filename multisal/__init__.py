@@ -28,6 +28,7 @@ from .methods.vanilla import vanilla_gradient
 from .methods.xgradcam import xgradcam
 from .noise import smooth
 from .objectives import ARGMAX_PER_SAMPLE, OBJECTIVES, Detections, Region, detections, region
+from .pictures import overlay, show
 from .presets import Preset, get_preset
 from .registry import register_backend
 
@@ -68,5 +69,5 @@ __all__ = [
     "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc", "OBJECTIVES", "METHODS",
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",
     "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise",
-    "smooth", "fooling_image", "class_visualization", "segment",
+    "smooth", "fooling_image", "class_visualization", "segment", "overlay", "show",
 ]

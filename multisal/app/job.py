@@ -194,10 +194,11 @@ class Job:
                 if "samples" in stats:   # what SmoothGrad used: n, or where n = "auto" settled
                     entry["samples"] = int(stats["samples"][i])
                 save_npy(folder / f"{name}.npy", maps[i], self.temp_tag)
-                picture = overlay(views[i], maps[i])
+                picture, view = overlay(views[i], maps[i], name)
+                entry["view"] = view.record()
                 save_png(folder / f"{name}.png", picture, self.temp_tag)
                 record["methods"][name] = entry
-                columns[i].append((name, picture))
+                columns[i].append((name, picture, view))
         for i, (record, folder, *_) in enumerate(ready):
             save_png(folder / "grid.png", grid(columns[i]), self.temp_tag)
             record["grid"] = "grid.png"

@@ -44,3 +44,7 @@ FORWARD_ONLY = frozenset({"eigencam", "scorecam", "ablationcam", "occlusion", "r
 # explains them only when its configuration names them; DEFAULT_METHODS is every other one.
 ON_REQUEST = frozenset({"scorecam", "ablationcam", "occlusion", "rise"})
 DEFAULT_METHODS = tuple(name for name in METHODS if name not in ON_REQUEST)
+
+# The methods whose maps are per-pixel gradients (multisal.pictures clips them at a percentile);
+# every other method's map is a coarse heat map already scaled to [0, 1].
+PIXEL_MAPS = frozenset({"vanilla_gradient", "smoothgrad", "integrated_gradients"})
