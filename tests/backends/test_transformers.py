@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+import timm
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
@@ -265,3 +266,13 @@ def test_multisal_layers_shows_each_candidates_layout_and_the_attention_layers(c
     assert "patch_embed.proj" in by_name and "nchw 4x4" in by_name["patch_embed.proj"]
     assert "blocks.0.attn.k_norm" not in by_name
     assert by_name["blocks.1.attn.attn_drop"].split()[-1] == "attention"
+
+
+def test_a_wide_input_gives_a_wide_token_grid():
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=(32, 64), depth=2)
+    be = ms.load_backend("torch", model=net.eval())
+    shape = (3, 32, 64)
+    assert be.layer_layouts(shape)[be.default_layer(shape)].describe() == "tokens 1+2x4"
+    x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
+    assert ms.gradcam(be, x, target=TARGETS, upsample=False).shape == (2, 2, 4)
+    assert ms.attention_rollout(be, x, upsample=False).shape == (2, 2, 4)
