@@ -78,8 +78,9 @@ def _layers(args):
     for name, dims in candidates:
         layout = layouts[name].describe() if name in layouts else "nchw"
         print(f"{name:48s} {'x'.join(map(str, dims)):>14s}  {layout:16s}{'   (default)' if name == default else ''}")
+    shapes = {record.name: record.shape for record in be.layer_records(shape)}
     for name in be.attention_layers(shape):
-        print(f"{name:48s} {'':>14s}  attention")
+        print(f"{name:48s} {'x'.join(map(str, shapes[name])):>14s}  attention")
     return 0
 
 
