@@ -16,8 +16,9 @@ input). Ablation-CAM asks for it, to see the score with one feature map zeroed. 
 can do this implements `_run_replaced`; the others refuse in one line.
 
 A subclass implements `_run`, `layer_names`, `candidate_layers`, `sample_bytes` and, where its
-models declare one, `sample_shape` (and `_run_replaced` where it can); this class does the rest
-once for all of them: input checks, chunking a batch by the memory budget, the default layer,
+models declare one, `sample_shape` (and `_run_replaced` where it can, `layer_records` where it
+can describe every layer); this class does the rest once for all of them: input checks, chunking
+a batch by the memory budget, the layers' layouts and the default layer (multisal.layouts),
 closest-name hints for unknown layers, and a check of every Result it returns. It also declares
 what the registry, the configuration and the engines need to know (multisal.registry): its name,
 the framework it imports and how to install it, its options (its __init__'s keywords), how it
