@@ -9,7 +9,9 @@ import importlib
 from .backend import Backend, ByteSize, Result
 from .errors import MissingFrameworkError, MultisalError
 from .methods import METHODS
+from .layouts import LAYOUTS, Layout
 from .methods.ablationcam import ablationcam
+from .methods.attention_rollout import attention_rollout
 from .methods.class_visualization import class_visualization
 from .methods.eigencam import eigencam
 from .methods.fooling import fooling_image
@@ -24,6 +26,7 @@ from .methods.scorecam import scorecam
 from .methods.segment import segment
 from .methods.smooth_gradcam_pp import smooth_gradcam_pp
 from .methods.smoothgrad import smoothgrad
+from .methods.transformer_attribution import transformer_attribution
 from .methods.vanilla import vanilla_gradient
 from .methods.xgradcam import xgradcam
 from .noise import smooth
@@ -69,5 +72,6 @@ __all__ = [
     "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc", "OBJECTIVES", "METHODS",
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",
     "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise",
+    "attention_rollout", "transformer_attribution", "Layout", "LAYOUTS",
     "smooth", "fooling_image", "class_visualization", "segment", "overlay", "show",
 ]

@@ -22,6 +22,7 @@ from multisal.backend import Backend, ByteSize, Result, concatenate_results, par
 from multisal.errors import MultisalError
 from multisal.files import is_regular_file, write_atomic
 from multisal.frameworks import lazy_import
+from multisal.layouts import LayerRecord
 from multisal.modelspec import call_factory, model_kind
 from multisal.objectives import Detections, Region, check_objective, check_target_range, is_argmax_per_sample
 from multisal.registry import register_backend
@@ -60,11 +61,16 @@ def last_level_cache_bytes(folder="/sys/devices/system/cpu/cpu0/cache") -> int:
     return max(sizes, default=CACHE_FALLBACK)
 
 
+# Node types whose output is kind "norm" or "softmax" for layout recognition (multisal.layouts).
+NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                      "SkipLayerNormalization", "BatchNormalization", "GroupNormalization", "InstanceNormalization"})
+
+
 def _channels_last(model, shapes):
-    """Names of 4-D tensors laid out (N, H, W, C), which are no Grad-CAM layers: a Transpose's output
-    with perm [0, 2, 3, 1], and what a node makes of such a tensor (its first input) keeping the
-    leading (N, H, W): ConvNeXt's and Swin's LayerNorm, Linear and GELU on channels-last maps, whose
-    last two axes (W, C) would otherwise pass for a spatial size."""
+    """Names of 4-D tensors laid out (N, H, W, C): a Transpose's output with perm [0, 2, 3, 1], and
+    what a node makes of such a tensor (its first input) keeping the leading (N, H, W): ConvNeXt's
+    and Swin's LayerNorm, Linear and GELU on channels-last maps, whose last two axes (W, C) would
+    otherwise pass for a spatial size."""
     found = set()
     for node in model.graph.node:
         if node.op_type == "Transpose":
@@ -213,15 +219,31 @@ class OnnxBackend(Backend):
         """The (C, H, W) the model declares, with None for free axes."""
         return tuple(self._input_dims[1:])
 
-    def candidate_layers(self, sample_shape):
-        """[(tensor name, shape without batch)] of float 4-D node outputs with spatial size > 1, in
-        graph order: the layers Grad-CAM can use."""
+    def layer_records(self, sample_shape):
+        """Every float node output whose first axis is the probe's batch (multisal.layouts.LayerRecord),
+        in graph order: normalisations' outputs are kind "norm", Softmax outputs kind "softmax",
+        channels-last tensors carry the hint "nhwc"; a record's source is the node's first input
+        where a node computes it."""
         shapes, dtypes, _ = self._probe(sample_shape)
         nhwc = _channels_last(self.model, shapes)
+        batch = 1 if self.batch_one else 2
         quantised = self.quantised_layers()
-        return [(o, shapes[o][1:]) for node in self.model.graph.node for o in node.output
-                if o and (dtypes.get(o) in FLOAT_TYPES or o in quantised) and len(shapes.get(o, ())) == 4
-                and shapes[o][2] * shapes[o][3] > 1 and o not in nhwc]
+        produced = set(self.layer_names())
+        records = []
+        for node in self.model.graph.node:
+            kind = "norm" if node.op_type in NORM_OPS else "softmax" if node.op_type == "Softmax" else ""
+            source = node.input[0] if node.input and node.input[0] in produced else None
+            for o in node.output:
+                shape = shapes.get(o, ())
+                if o and (dtypes.get(o) in FLOAT_TYPES or o in quantised) and len(shape) >= 2 and shape[0] == batch:
+                    records.append(LayerRecord(o, tuple(shape[1:]), kind, source, "nhwc" if o in nhwc else None))
+        return records
+
+    def candidate_layers(self, sample_shape):
+        """[(tensor name, shape without batch)] of float node outputs that are feature maps (NCHW,
+        NHWC or tokens) with spatial size > 1, in graph order: the layers Grad-CAM can use."""
+        records, layouts = self._layouts(tuple(sample_shape))
+        return [(r.name, r.shape) for r in records if r.name in layouts]
 
     def quantised_layers(self):
         """{tensor: (scale, zero point)}: the integer tensors of a quantised model that stand for real

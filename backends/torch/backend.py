@@ -24,6 +24,7 @@ from multisal.allocator import reuses_large_blocks
 from multisal.backend import Backend, ByteSize, Result, parse_bytes
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
+from multisal.layouts import LayerRecord
 from multisal.modelspec import call_factory, model_kind
 from multisal.objectives import objective_value
 from multisal.registry import register_backend
@@ -143,48 +144,79 @@ class TorchBackend(Backend):
 
     def _trace(self, sample_shape):
         """One forward pass on a single zero input, recording every module's output in order, with
-        its version counter (which in-place ops bump) at that moment."""
+        its version counter (which in-place ops bump) at that moment, and the module's first input."""
         seen = []
         handles = []
 
         def record(name):
-            def hook(_module, _inputs, output):
+            def hook(module, inputs, output):
                 if isinstance(output, torch.Tensor):
-                    seen.append((name, output, output._version))
+                    first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+                    seen.append((name, output, output._version, module, first,
+                                 None if first is None else first._version))
             return hook
 
         for name, module in self._modules.items():
             if name:
                 handles.append(module.register_forward_hook(record(name)))
         try:
-            with torch.no_grad(), self._explained((1, *sample_shape)):
+            with torch.no_grad(), self._unfused_attention(), self._explained((1, *sample_shape)):
                 out = self.model(torch.zeros((1, *sample_shape), device=self.device))
         finally:
             for h in handles:
                 h.remove()
         return seen, out
 
+    @contextmanager
+    def _unfused_attention(self, layers=None):
+        """timm's attention modules (those with a `fused_attn` switch) compute their probabilities
+        inside F.scaled_dot_product_attention, where no hook sees them; with the switch off they
+        pass them through their `attn_drop` module. Switched off for the call when one of `layers`
+        (None: any) lies inside such a module, and put back as it was afterwards."""
+        fused = [(name, m) for name, m in self._modules.items() if getattr(m, "fused_attn", False) is True]
+        if layers is not None:
+            fused = [(name, m) for name, m in fused if any(layer.startswith(f"{name}.") for layer in layers)]
+        for _, m in fused:
+            m.fused_attn = False
+        try:
+            yield
+        finally:
+            for _, m in fused:
+                m.fused_attn = True
+
     @property
     def sample_shape(self):
         """A torch module declares no input size."""
         return None
 
-    def candidate_layers(self, sample_shape):
-        """[(module path, shape without batch)] of 4-D module outputs with spatial size > 1, in
-        execution order: the layers Grad-CAM can use."""
+    def layer_records(self, sample_shape):
+        """Every module output of one sample (multisal.layouts.LayerRecord), in execution order: a
+        tensor under the name of the first (innermost) module that returned it; a normalisation
+        module's output is kind "norm", attention probabilities (a tensor (1, heads, T, T) >= 0
+        whose rows sum to 1) kind "softmax". Tensors whose first axis is not the batch of 1 (Swin's
+        windows) are left out."""
         seen, _ = self._trace(tuple(sample_shape))
         # A container returns its last child's tensor: keep the first (innermost) name per tensor.
         # A tensor changed in place later (ResNet's `out += identity` then ReLU(inplace=True) on a
         # BatchNorm's output) is the same object with a higher version: a different value, so the
         # BatchNorm does not take the name of the block's output.
         first_name = {}
-        for name, t, version in seen:
+        for name, t, version, *_ in seen:
             first_name.setdefault((id(t), version), name)
-        result = []
-        for name, t, version in seen:
-            if first_name[(id(t), version)] == name and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
-                result.append((name, tuple(t.shape[1:])))
-        return result
+        records = []
+        for name, t, version, module, first, first_version in seen:
+            if first_name[(id(t), version)] != name or t.dim() < 2 or t.shape[0] != 1 or not t.is_floating_point():
+                continue
+            kind = "norm" if "Norm" in type(module).__name__ else "softmax" if _is_softmax(t) else ""
+            source = None if first is None else first_name.get((id(first), first_version))
+            records.append(LayerRecord(name, tuple(t.shape[1:]), kind, source))
+        return records
+
+    def candidate_layers(self, sample_shape):
+        """[(module path, shape without batch)] of the module outputs that are feature maps (NCHW,
+        NHWC or tokens) with spatial size > 1, in execution order: the layers Grad-CAM can use."""
+        records, layouts = self._layouts(tuple(sample_shape))
+        return [(r.name, r.shape) for r in records if r.name in layouts]
 
     # ---- memory budget ------------------------------------------------------------------------
     def sample_bytes(self, sample_shape):
@@ -194,7 +226,7 @@ class TorchBackend(Backend):
             # Forward keeps roughly every activation for backward; backward holds about as much again.
             # A container's output is its last child's tensor, an in-place op's its input's: count
             # each storage once, or those tensors count two or three times over.
-            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t, _ in seen}
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t, *_ in seen}
             self._bytes_per_sample[key] = max(1, 2 * sum(storages.values()))
         return self._bytes_per_sample[key]
 
@@ -313,11 +345,12 @@ class TorchBackend(Backend):
             return hook
 
         want_grad = objective is not None and bool(input_grad or layers)
-        model = self._model_for(layers, x)
         for name in layers:
             handles.append(self._module(name).register_forward_hook(capture(name)))
         try:
-            with self._no_parameter_grads(), torch.set_grad_enabled(want_grad), self._explained(x.shape):
+            with self._unfused_attention(layers), self._no_parameter_grads(), torch.set_grad_enabled(want_grad), \
+                    self._explained(x.shape):
+                model = self._model_for(layers, x)
                 xt = torch.from_numpy(x).to(self.device)
                 if self.channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last)
@@ -367,10 +400,10 @@ class TorchBackend(Backend):
                 return torch.empty_like(output).copy_(torch.from_numpy(value))
             return hook
 
-        model = self._model_for(list(replace), x)
         handles = [self._module(name).register_forward_hook(substitute(name, value)) for name, value in replace.items()]
         try:
-            with torch.no_grad(), self._explained(x.shape):
+            with self._unfused_attention(list(replace)), torch.no_grad(), self._explained(x.shape):
+                model = self._model_for(list(replace), x)
                 xt = torch.from_numpy(x).to(self.device)
                 if self.channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last)
@@ -385,6 +418,15 @@ class TorchBackend(Backend):
             raise MultisalError(f"{type(self.model).__name__} returns {type(out).__name__}; "
                                 "the torch backend needs a model whose output is one tensor")
         return Result(outputs=out.cpu().numpy())
+
+
+def _is_softmax(t):
+    """Whether a tensor of one sample looks like attention probabilities: (1, heads, T, T), >= 0,
+    each row summing to 1."""
+    if t.dim() != 4 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2:
+        return False
+    rows = t.detach().double().sum(-1)
+    return bool(t.min() >= 0) and bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-4))
 
 
 class _TorchOps:

@@ -62,7 +62,8 @@ def _demo(args):
 
 
 def _layers(args):
-    """List a model's candidate CAM layers: float 4-D activations with spatial size > 1."""
+    """List a model's candidate CAM layers (feature maps with spatial size > 1: NCHW, NHWC or tokens
+    on a grid), each with its layout and grid, then the attention probabilities attention rollout reads."""
     backend = args.backend or next((name for name, cls in backends().items()
                                     if any(str(args.model).lower().endswith(s) for s in cls.model_files)), "torch")
     cls = backends().get(backend)
@@ -75,9 +76,14 @@ def _layers(args):
     if any(d is None for d in shape):
         raise MultisalError(f"{args.model} leaves its input size free: give --shape C H W")
     candidates = be.candidate_layers(shape)
+    layouts = be.layer_layouts(shape)
     default = be.default_layer(shape) if candidates else None
     for name, dims in candidates:
-        print(f"{name:48s} {'x'.join(map(str, dims)):>14s}{'   (default)' if name == default else ''}")
+        layout = layouts[name].describe() if name in layouts else "nchw"
+        print(f"{name:48s} {'x'.join(map(str, dims)):>14s}  {layout:16s}{'   (default)' if name == default else ''}")
+    shapes = {record.name: record.shape for record in be.layer_records(shape)}
+    for name in be.attention_layers(shape):
+        print(f"{name:48s} {'x'.join(map(str, shapes[name])):>14s}  attention")
     return 0
 
 
@@ -186,7 +192,7 @@ def _run_options(p):
     p.add_argument("--method", action="append", metavar="NAME[,NAME]", help="method(s) to run (repeatable; default: all)")
     p.add_argument("--target", help='"auto" (the top class), "argmax_per_sample", a class index, a class name, or a '
                    "detection: '{detection = {class = 0, box = [x1, y1, x2, y2], iou = 0.5}}'")
-    p.add_argument("--layer", help="the CAM methods' layer (default: the last 4-D activation)")
+    p.add_argument("--layer", help="the CAM methods' layer (default: `multisal layers` marks it)")
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: ImageNet's for 1000 classes)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
@@ -221,7 +227,8 @@ def _parser():
     p = sub.add_parser("methods", help="list the saliency methods", epilog="example: multisal methods")
     p.set_defaults(func=_methods)
 
-    p = sub.add_parser("layers", help="list a model's candidate layers for Grad-CAM (4-D activations)",
+    p = sub.add_parser("layers", help="list a model's candidate CAM layers with their layout (nchw, nhwc, tokens) and "
+                       "grid, then its attention layers",
                        epilog="example: multisal layers model.onnx   |   multisal layers efficientnet-lite0")
     p.add_argument("model", help="an .onnx or .pt file, a models/ name (efficientnet-lite0) or package.module:factory")
     p.add_argument("--backend", help=f"{' | '.join(backends())} (default: onnx for .onnx files, else torch)")

@@ -27,7 +27,9 @@ from .. import models
 from ..backend import MAX_SAMPLES_PER_CALL, ByteSize
 from ..errors import MultisalError
 from ..files import read_text
+from ..layouts import LAYOUTS
 from ..methods import DEFAULT_METHODS, METHODS
+from ..methods.attention import HEAD_FUSIONS
 from ..methods.integrated_gradients import MAX_STEPS
 from ..methods.integrated_gradients import METHODS as PATHS
 from ..methods.rise import MAX_MASKS
@@ -159,6 +161,10 @@ def _target(key, value):
     _fail(key, value, TARGET_ALLOWED)
 
 
+TOKEN_GRID = Rule("[rows, columns], integers 1..8192",
+                  lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(d) and 1 <= d <= 8192 for d in v))
+
+
 def _methods_rule():
     return Rule("a non-empty list of distinct methods from " + ", ".join(METHODS),
                 lambda v: isinstance(v, list) and v and all(isinstance(m, str) and m in METHODS for m in v)
@@ -178,6 +184,7 @@ def _keyword_rules():
         "channel_reduce": choice("max", "mean", "none"),   # "none" is Python's None (TOML has no null)
         "abs": BOOLEAN, "square": BOOLEAN, "upsample": BOOLEAN, "normalize": BOOLEAN, "region": BOOLEAN,
         "layer": TEXT,
+        "layout": choice(*LAYOUTS), "prefix_tokens": integer(0, (8192, "tokens")), "token_grid": TOKEN_GRID,
         "method": choice(*PATHS),
         "filters": Rule("a non-empty list of feature-map indices (integers >= 0)",
                         lambda v: isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v)),
@@ -185,6 +192,11 @@ def _keyword_rules():
                         lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2
                                                               and all(_is_int(i) and i >= 0 for i in p) for p in v)),
         "center": BOOLEAN, "channel_softmax": BOOLEAN,
+        # The attention methods' attention layers and how each layer's heads are fused.
+        "layers": Rule("a non-empty list of layer names", lambda v: isinstance(v, list) and v
+                       and all(isinstance(s, str) and s.strip() for s in v)),
+        "head_fusion": choice(*HEAD_FUSIONS),
+        "discard_ratio": Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, float),
         # Occlusion's window and its step, (channels, height, width). How many windows an image gets
         # depends on its size too, which is known only when it runs: the method bounds that count.
         "window": WINDOW, "stride": WINDOW,
@@ -311,6 +323,8 @@ def _top_rules():
         "methods": _methods_rule(),
         "target": _target,
         "layer": TEXT,
+        # How the CAM layer's activation reads as feature maps (multisal.layouts), for every CAM method.
+        "layout": choice(*LAYOUTS), "prefix_tokens": integer(0, (8192, "tokens")), "token_grid": TOKEN_GRID,
         "progression": BOOLEAN,
     }
 
@@ -340,10 +354,15 @@ def read_toml(path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
 
 
+# The keys that say which layer the CAM methods read and how its activation reads as feature maps.
+LAYER_KEYS = ("layer", "layout", "prefix_tokens", "token_grid")
+
+
 def apply_overrides(raw: dict, overrides: Mapping) -> dict:
     """raw with the command line's options (None = not given) in place of the file's values.
 
-    --layer names the layer of every CAM method, so it also replaces a layer a method table sets.
+    --layer names the layer of every CAM method, so it also replaces a layer a method table sets,
+    and the layout keys (layout, prefix_tokens, token_grid) that described that table's layer.
     """
     merged = copy.deepcopy(dict(raw))
     for key, value in overrides.items():
@@ -353,7 +372,8 @@ def apply_overrides(raw: dict, overrides: Mapping) -> dict:
         if key == "layer":
             for table in merged.values():
                 if isinstance(table, dict):
-                    table.pop("layer", None)
+                    for owned in LAYER_KEYS:
+                        table.pop(owned, None)
     return merged
 
 
@@ -446,6 +466,8 @@ def method_options(cfg, name) -> dict:
         options["channel_reduce"] = None
     if "neurons" in options:
         options["neurons"] = [tuple(p) for p in options["neurons"]]
+    if "token_grid" in options:
+        options["token_grid"] = tuple(options["token_grid"])
     return options
 
 

@@ -33,7 +33,7 @@ from ..methods.smoothgrad import smoothgrad
 from ..methods.vanilla import gradient_map
 from ..noise import average_over_noise
 from ..objectives import ARGMAX_PER_SAMPLE, Detections, NumpyOps, detection_terms, detections
-from .config import ConfigError, method_options
+from .config import LAYER_KEYS, ConfigError, method_options
 from .inputs import read_image
 from .loading import build_backend
 from .render import grey, grid, overlay, save_npy, save_png
@@ -69,16 +69,22 @@ class Job:
 
     def _set_layers(self, shape):
         """Give every CAM method its layer (its table's, else the top-level one, else the backend's
-        default) and return {layer: the config key it came from}, checking the model has each."""
+        default) and its layout keys (its table's, else the top-level ones), and return {method:
+        the config key its layer came from}, checking the model has each layer."""
         cam = [m for m in self.methods if "layer" in inspect.signature(METHODS[m]).parameters]
         if cam:
             layer = self.config.get("layer") or self.backend.default_layer(shape)
             for name in cam:
                 self.methods[name].setdefault("layer", layer)
-        keys = {o["layer"]: (f"{m}.layer" if "layer" in self.config.get(m, {}) else "layer")
+                if "layer" not in self.config.get(name, {}):   # a table's own layer keeps its own layout
+                    for key in LAYER_KEYS[1:]:
+                        if key in self.config:
+                            self.methods[name].setdefault(key, self.config[key])
+        keys = {m: (f"{m}.layer" if "layer" in self.config.get(m, {}) else "layer")
                 for m, o in self.methods.items() if "layer" in o}
         known = self.backend.layer_names()
-        for layer, key in keys.items():
+        for method, key in keys.items():
+            layer = self.methods[method]["layer"]
             if layer not in known:
                 close = closest_names(layer, known)
                 hint = f"closest: {', '.join(close)}; " if close else ""
@@ -89,17 +95,30 @@ class Job:
     def _check_model(self, shape, layers, detection=None) -> int:
         """Run the model on a blank input before any output is written; return its number of classes.
 
-        A forward pass: the model runs at this size, the CAM layers give 4-D activations, the output
-        is (N, classes), or YOLO-style for a detection target. A backward pass, unless every method
-        runs forward passes only: the model is differentiable here (for ONNX: every op has a
-        gradient rule), and one-off kernel set-up is not billed to the first image's first method.
+        A forward pass: the model runs at this size, the CAM layers give feature maps (NCHW, NHWC or
+        tokens on a grid, as recognised or as their layout keys say), the output is (N, classes), or
+        YOLO-style for a detection target. A backward pass, unless every method runs forward passes
+        only: the model is differentiable here (for ONNX: every op has a gradient rule), and one-off
+        kernel set-up is not billed to the first image's first method.
         """
         blank = np.zeros((1, *shape), np.float32)
-        probe = self.backend.run(blank, layers=sorted(layers))
-        for layer, key in layers.items():
-            if probe.activations[layer].ndim != 4:
+        probe = self.backend.run(blank, layers=sorted({self.methods[m]["layer"] for m in layers}))
+        for method, key in layers.items():
+            options = self.methods[method]
+            layer = options["layer"]
+            overrides = [options.get(k) for k in LAYER_KEYS[1:]]
+            activation = probe.activations[layer].shape
+            try:
+                self.backend.layer_layout(layer, activation, shape, *overrides)
+            except MultisalError as err:
+                given = [k for k, v in zip(LAYER_KEYS[1:], overrides) if v is not None]
+                if given:   # the key that said how to read the layer is the one at fault
+                    table = self.config.get(method, {})
+                    owner = f"{method}.{given[0]}" if given[0] in table else given[0]
+                    raise ConfigError(f"config key {owner!r}: {err}") from None
                 raise ConfigError(f"config key {key!r}: expected a layer with a 4-D (N,C,H,W) activation, got "
-                                  f"{json.dumps(layer)} of shape {probe.activations[layer].shape}")
+                                  f"{json.dumps(layer)} of shape {activation}; (N,H,W,C) and tokens (N,T,C) on a "
+                                  "grid of the input work too, and the key 'layout' says which") from None
         if detection is not None:
             axis, objectness = detection.decoding(probe.outputs.shape)
             n_classes = probe.outputs.shape[axis] - (5 if objectness else 4)
@@ -183,7 +202,7 @@ class Job:
             options = dict(options, **{k: v for k, v in extra.items() if k in accepts})
             start = time.perf_counter()
             try:
-                maps = method(self.backend, x, given, **options)
+                maps = method(self.backend, x, target=given, **options)
             except Exception as err:
                 raise MultisalError(f"{name}: {_one_line(err)}") from None
             seconds = round((time.perf_counter() - start) / len(ready), 4)

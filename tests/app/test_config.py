@@ -83,8 +83,10 @@ def test_defaults():
     assert load_config({}) == {
         "backend": "torch", "model": "efficientnet-lite0", "preset": "efficientnet-lite", "size": [224, 224],
         "inputs": [], "output": "out/explain", "methods": list(DEFAULT_METHODS), "target": "auto", "progression": False}
-    # Every method but the perturbation ones, which run hundreds of forward passes per image.
-    assert set(ms.METHODS) - set(DEFAULT_METHODS) == {"scorecam", "ablationcam", "occlusion", "rise"}
+    # Every method but the perturbation ones, which run hundreds of forward passes per image, and the
+    # attention ones, which need a vision transformer's attention layers.
+    assert set(ms.METHODS) - set(DEFAULT_METHODS) == {"scorecam", "ablationcam", "occlusion", "rise",
+                                                      "attention_rollout", "transformer_attribution"}
 
 
 def test_command_line_overrides_the_file(tmp_path):
