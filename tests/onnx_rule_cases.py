@@ -169,6 +169,12 @@ CASES = [
     Case("Split", (node("Split", "x", "sizes", out=("a", "b"), axis=2), node("Concat", "b", "a", "b", axis=2)),
          initializers={"sizes": ints(2, 1)}),
     Case("Pad", (node("Pad", "x", "pads", mode="reflect"),), initializers={"pads": ints(0, 0, 1, 2, 0, 0, 2, 1)}),
+    Case("Col2Im", (node("Col2Im", "x", "image", "block"),), (2, 8, 9), initializers={"image": ints(4, 4), "block": ints(2, 2)},
+         opsets=(18,)),
+    Case("Col2Im", (node("Col2Im", "x", "image", "block", strides=[2, 2], pads=[1, 1, 1, 1]),), (2, 18, 9),
+         initializers={"image": ints(5, 6), "block": ints(3, 3)}, opsets=(18,), label="strided"),
+    Case("Col2Im", (node("Col2Im", "x", "image", "block", dilations=[2, 1]),), (2, 8, 9),
+         initializers={"image": ints(5, 4), "block": ints(2, 2)}, opsets=(18,), label="dilated"),
     # ---- indexing
     Case("Slice", (node("Slice", "x", "starts", "ends", "axes", "steps"),), (2, 2, 7, 6),
          initializers={"starts": ints(-1, 1), "ends": ints(-100, -1), "axes": ints(2, 3), "steps": ints(-2, 2)}),
