@@ -26,7 +26,7 @@ from .. import runtime
 from .context import FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, GradContext, gradient_scope, node_label
 from .objective import build_objective
 # Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
-from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
+from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, recurrent, reductions, resize  # noqa: F401
 from .rules import shape as shape_rules
 
 onnx = lazy_import("onnx")
