@@ -80,7 +80,10 @@ EXPORTERS = {"torchscript": False, "dynamo": True}
 
 
 def export(name, kwargs, side, dynamo, path):
-    """The architecture exported at batch 1, fixed shapes, to path; None when torch cannot."""
+    """The architecture exported at batch 1, fixed shapes, to path. Attention is timm's explicit
+    form (MatMul, Softmax), not scaled_dot_product_attention, which TorchScript cannot export for
+    some models and whose Softmax a CAM or rollout on ONNX could not read."""
+    timm.layers.set_fused_attn(False)
     net = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
     sample = torch.zeros(1, 3, side, side)
     with warnings.catch_warnings():
