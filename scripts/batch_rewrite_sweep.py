@@ -47,7 +47,7 @@ ARCHITECTURES = [
     ("twins_pcpvt_small", {"depths": (1, 1, 1, 1)}, 64),
     ("levit_128s", {"img_size": 128}, 128),
     ("efficientformerv2_s0", {"img_size": 64}, 64),
-    ("focalnet_tiny_srf", {"depths": (1, 1, 1, 1)}, 64),
+    ("focalnet_tiny_srf", {}, 64),
     ("mixer_s16_224", {"img_size": 64}, 64),
     ("resmlp_12_224", {"img_size": 64}, 64),
     ("convnext_atto", {}, 64),

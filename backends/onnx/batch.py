@@ -182,7 +182,23 @@ def _visit(rw, node):
     axes = [rw.axis.get(i) if i else None for i in node.input]
     outs = [o for o in node.output if o]
     out_shapes = [rw.shape(o) for o in outs]
-    if any(s is None for s in out_shapes) or all(a is None for a in axes):
+    if any(s is None for s in out_shapes):
+        return
+    if op in ("Expand", "ConstantOfShape") and axes[0] is None:
+        # A free tensor brought to a shape computed with the batch (an LSTM's zero initial state
+        # expanded to (2, rows, C)): the batch axis is the dependent entry, and a free operand
+        # whose size there is the batch-1 multiplicity k > 1 is tiled first (Expand cannot make k into N k).
+        shape_input = node.input[1] if op == "Expand" else node.input[0]
+        mask = rw.dependent.get(shape_input)
+        if mask is not None and mask.ndim == 1 and mask.sum() == 1:
+            p = int(np.argmax(mask))
+            if op == "Expand" and node.input[0] in rw.free:
+                q = p - (len(mask) - len(shapes[0]))
+                if q >= 0 and shapes[0][q] > 1:
+                    node.input[0] = rw.tiled(node.input[0], q)
+            rw.axis[node.output[0]] = p
+        return
+    if all(a is None for a in axes):
         return
     b = axes[0]
     out_rank = len(out_shapes[0])
@@ -247,6 +263,21 @@ def _visit(rw, node):
         axis = int(rw.attr(node, "axis", 0)) % len(shapes[0])
         if b is not None and axis != b:
             settle(b if b < axis else b - 1 + len(shapes[1]))
+        elif b is not None and node.input[1] in rw.free and node.input[1] in rw.values and len(shapes[1]) > 0:
+            # Indices into the batch axis fixed for one image (the dynamo exporter's as_strided reads
+            # a flattened tensor through a constant index array): image n reads the same positions
+            # offset by n k (k = the axis' size per image), stacked along the indices' first axis.
+            k = shapes[0][b]
+            index = np.asarray(rw.values[node.input[1]]).astype(np.int64)
+            index = np.where(index < 0, index + k, index)
+            if index.size and (index.min() < 0 or index.max() >= k):
+                return
+            scalar = rw.emit("Reshape", [rw.batch(), rw.const(np.zeros(0, np.int64))])
+            images = rw.emit("Range", [rw.const(0), scalar, rw.const(1)])
+            offsets = rw.emit("Reshape", [rw.emit("Mul", [images, rw.const(k)]), rw.const([-1] + [1] * index.ndim)])
+            stacked = rw.emit("Add", [offsets, rw.const(index[None])])                        # (N, *index)
+            node.input[1] = rw.emit("Reshape", [stacked, rw.const([-1] + list(index.shape[1:]))])
+            settle(axis)
         elif b is None and axes[1] is not None:
             settle(axis + axes[1])
     elif op == "Slice" and b is not None:

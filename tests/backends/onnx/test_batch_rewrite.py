@@ -2,8 +2,8 @@
 hand-built graphs of each construction that writes the batch into constants, against the original
 model run one image at a time; and the soundness check's shapes-before-values rule."""
 import numpy as np
-import onnx
 import onnxruntime as ort
+import pytest
 from onnx import helper
 
 from multisal.backends.onnx.model import prepare_model, same_outputs
@@ -112,22 +112,47 @@ def test_reshape_targets_gathered_from_the_shape():
     _takes_a_batch(make_model(nodes, (1, C, 4, 4), (1, 3), inits, opset=13))
 
 
-def test_recurrent_initial_states_take_the_batch():
+def test_gather_indices_fixed_for_one_image():
+    """The dynamo exporter's as_strided: a pooled (1, C, 1, 1) flattened to (C,) and read back
+    through a constant index array (1, C, 1, 1) into the batch axis, here in reversed order."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=1),
+             helper.make_node("Reshape", ["m", "all"], ["flat"]),
+             helper.make_node("Gather", ["flat", "index"], ["strided"], axis=0),
+             helper.make_node("Reshape", ["strided", "rows"], ["r"]),
+             helper.make_node("Gemm", ["r", "Wh"], ["y"], transB=1)]
+    inits = {"all": np.array([-1], np.int64), "index": np.arange(C)[::-1].reshape(1, C, 1, 1).astype(np.int64),
+             "rows": np.array([1, C], np.int64), "Wh": _weights(3, C)}
+    _takes_a_batch(make_model(nodes, (1, C, 4, 4), (1, 3), inits, opset=13))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_recurrent_initial_states_take_the_batch(exporter):
     """sequencer2d's rows: (1, H, W, C) -> (1*H, W, C) sequences, a bidirectional LSTM whose zero
-    initial states (2, 1*H, C) are constants, the rows put back."""
+    initial states (2, 1*H, C) are a constant (dynamo), or a constant expanded to a shape gathered
+    from the sequences' Shape (TorchScript), the rows put back."""
     hidden = 3
     nodes = [helper.make_node("Transpose", ["x"], ["nhwc"], perm=[0, 2, 3, 1]),
              helper.make_node("Reshape", ["nhwc", "rows"], ["seq"]),                          # (4, 4, C)
-             helper.make_node("Transpose", ["seq"], ["tbi"], perm=[1, 0, 2]),
-             helper.make_node("LSTM", ["tbi", "W", "R", "B", "", "h0", "h0"], ["Y"], hidden_size=hidden,
-                              direction="bidirectional"),
+             helper.make_node("Transpose", ["seq"], ["tbi"], perm=[1, 0, 2])]
+    state = "h0"
+    if exporter == "torchscript":
+        nodes += [helper.make_node("Shape", ["tbi"], ["shape"]),
+                  helper.make_node("Gather", ["shape", "one"], ["count"], axis=0),
+                  helper.make_node("Unsqueeze", ["count", "axis0"], ["count1"]),
+                  helper.make_node("Concat", ["two", "count1", "width"], ["state_shape"], axis=0),
+                  helper.make_node("Expand", ["h0", "state_shape"], ["h0e"])]
+        state = "h0e"
+    nodes += [helper.make_node("LSTM", ["tbi", "W", "R", "B", "", state, state], ["Y"], hidden_size=hidden,
+                               direction="bidirectional"),
              helper.make_node("Transpose", ["Y"], ["bt"], perm=[2, 0, 1, 3]),
              helper.make_node("Reshape", ["bt", "back"], ["out"]),                            # (1, 4, 4, 2 * hidden)
              helper.make_node("ReduceMean", ["out"], ["pooled"], axes=[1, 2], keepdims=0),
              helper.make_node("Gemm", ["pooled", "Wh"], ["y"], transB=1)]
     inits = {"rows": np.array([4, 4, C], np.int64), "W": _weights(2, 4 * hidden, C), "R": _weights(2, 4 * hidden, hidden),
              "B": _weights(2, 8 * hidden), "h0": np.zeros((2, 4, hidden)),
-             "back": np.array([1, 4, 4, 2 * hidden], np.int64), "Wh": _weights(3, 2 * hidden)}
+             "back": np.array([1, 4, 4, 2 * hidden], np.int64), "Wh": _weights(3, 2 * hidden),
+             "one": np.array(1, np.int64), "axis0": np.array([0], np.int64), "two": np.array([2], np.int64),
+             "width": np.array([hidden], np.int64)}
     _takes_a_batch(make_model(nodes, (1, C, 4, 4), (1, 3), inits, opset=14))
 
 
