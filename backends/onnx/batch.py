@@ -364,8 +364,11 @@ def free_batch(model):
     nodes = []
     for node in m.graph.node:
         rw.nodes = []
-        _visit(rw, node)
-        _track_freedom(rw, node)
+        try:
+            _visit(rw, node)
+            _track_freedom(rw, node)
+        except (KeyError, IndexError, ValueError, TypeError):   # a node of a form the rewrite does not read:
+            return None                                         # no proposal, the model keeps its batch of 1
         nodes += rw.nodes + [node]   # what the rewrite adds for a node (first the batch size) comes before it
     del m.graph.node[:]
     m.graph.node.extend(nodes)
