@@ -68,7 +68,7 @@ ARCHITECTURES = [
     ("ghostnet_100", {}, 64),
     ("repvgg_a0", {}, 64),
     ("dla34", {}, 64),
-    ("convmixer_768_32", {"depth": 4}, 64),
+    ("convmixer_768_32", {}, 64),
     ("tresnet_m", {}, 64),
     ("inception_v4", {}, 96),
     ("fastvit_t8", {}, 64),

@@ -198,6 +198,13 @@ def _visit(rw, node):
                     node.input[0] = rw.tiled(node.input[0], q)
             rw.axis[node.output[0]] = p
         return
+    if op == "Reshape" and axes[0] is None and node.input[0] not in rw.free and node.input[1] in rw.free \
+            and out_shapes[0][:1] == (1,):
+        # The batch lost on the way (an op the rewrite does not follow), a target of batch 1: as
+        # exporters write a flatten before the classifier, the batch is taken to be its first axis.
+        node.input[1] = rw.const([-1] + list(out_shapes[0][1:]))
+        rw.axis[node.output[0]] = 0
+        return
     if all(a is None for a in axes):
         return
     b = axes[0]
@@ -280,6 +287,10 @@ def _visit(rw, node):
             settle(axis)
         elif b is None and axes[1] is not None:
             settle(axis + axes[1])
+    elif op == "GatherND" and b is not None and not int(rw.attr(node, "batch_dims", 0)):
+        indexed = shapes[1][-1]
+        if b >= indexed:
+            settle(len(shapes[1]) - 1 + b - indexed)
     elif op == "Slice" and b is not None:
         sliced = rw.ints(node, 3, "axes")
         starts, ends = rw.ints(node, 1, "starts"), rw.ints(node, 2, "ends")

@@ -156,6 +156,16 @@ def test_recurrent_initial_states_take_the_batch(exporter):
     _takes_a_batch(make_model(nodes, (1, C, 4, 4), (1, 3), inits, opset=14))
 
 
+def test_flatten_target_after_an_op_the_rewrite_does_not_follow():
+    """An Einsum that drops an axis loses the batch axis to the rewrite; the classifier's flatten
+    target (1, C*4) after it is then read with the batch first, as exporters write it."""
+    nodes = [helper.make_node("Einsum", ["x"], ["rows"], equation="nchw->nch"),
+             helper.make_node("Reshape", ["rows", "flat"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wh"], ["y"], transB=1)]
+    inits = {"flat": np.array([1, C * 4], np.int64), "Wh": _weights(3, C * 4)}
+    _takes_a_batch(make_model(nodes, (1, C, 4, 4), (1, 3), inits, opset=13))
+
+
 def test_shapes_are_compared_before_values():
     """A model whose output does not depend on the input's values, summed over the batch axis: the
     rewrite takes a batch of 2 and gives one row, (1, 10), equal to each image's row, so np.allclose
