@@ -370,7 +370,7 @@ def free_batch(model):
     m.CopyFrom(model)
     try:
         rw = _Rewrite(m)
-    except MultisalError:
+    except (MultisalError, onnx.shape_inference.InferenceError):   # a model that cannot be probed keeps its batch
         return None
     nodes = []
     for node in m.graph.node:
