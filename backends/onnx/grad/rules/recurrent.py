@@ -41,13 +41,14 @@ WEIGHT_INPUTS = {1: "W", 2: "R", 3: "B", 7: "P"}
 
 
 class Body:
-    """A Scan body being written: while open (`with body:`), what ctx emits goes into it. Its
+    """A Scan body being written: inside `with body.writing():` what ctx emits goes into it. Its
     inputs are states then per-step slices, its outputs states then per-step values; it reads the
     outer graph's tensors (weights, constants) by name."""
 
     def __init__(self, ctx, elem_type):
         self.ctx, self.elem_type = ctx, elem_type
-        self.states, self.scans, self.nodes = [], [], []   # (inner name, outer name) pairs
+        self.states, self.scans = [], []   # (inner name, outer name) pairs
+        self.nodes = []
 
     def _input(self, kind, outer, into):
         # GradContext names what it writes <scope>/<kind>_<k>; body inputs are named the same way.
