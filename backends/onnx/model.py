@@ -3,8 +3,9 @@
 `prepare_model` is the one way in, for the backend and for `export_gradient_graph` alike:
 - an .onnx file is read with its external data taken only from inside the model's own folder;
 - onnx.checker validates it;
-- a model exported with a fixed batch of 1 is rewritten to take any batch, and the rewrite is kept
-  only where a check shows it sound: on a batch of 2 the rewritten model gives the same output
+- a model exported with a fixed batch of 1 is rewritten to take any batch (batch.py: the constants
+  that say 1 for the batch, followed through the graph), and the rewrite is kept only where a
+  check shows it sound: on a batch of 2 the rewritten model gives the same output
   shapes and values as the original one image at a time. Otherwise the model keeps its batch of
   1, and the backend (and the exported gradient graph) run one image per call.
 """
@@ -23,6 +24,7 @@ from multisal.files import write_atomic
 from multisal.frameworks import lazy_import
 
 from . import runtime
+from .batch import free_batch
 from .grad.builder import graph_input
 from .grad.context import FLOAT_TYPES
 
@@ -106,30 +108,6 @@ def check_model(model, source):
 
 def static_dims(value_info):
     return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-
-def free_batch(model):
-    """A copy whose batch axis is symbolic, with constant Reshape targets of batch 1 made -1, or None
-    when the graph cannot be rewritten that way."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for v in list(m.graph.input[:1]) + list(m.graph.output):
-        dims = v.type.tensor_type.shape.dim
-        if dims:
-            dims[0].ClearField("dim_value")
-            dims[0].dim_param = "N"
-    del m.graph.value_info[:]
-    consts = {i.name: i for i in m.graph.initializer}
-    for node in m.graph.node:
-        if node.op_type == "Reshape" and node.input[1] in consts:
-            shape = onnx.numpy_helper.to_array(consts[node.input[1]])
-            if shape.size and shape[0] == 1:
-                if (shape == -1).any():
-                    return None
-                shape = shape.copy()
-                shape[0] = -1
-                consts[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(shape, node.input[1]))
-    return m
 
 
 def same_outputs(original, rewritten, input_name, dims) -> bool:

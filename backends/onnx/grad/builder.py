@@ -31,7 +31,7 @@ from .context import (FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, 
                       OpsetTooOld, forward_node_name, gradient_scope, node_label, rule_for)
 from .objective import build_objective
 # Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
-from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
+from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, recurrent, reductions, resize  # noqa: F401
 from .rules import quantization
 from .rules import shape as shape_rules
 
