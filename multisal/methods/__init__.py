@@ -44,10 +44,13 @@ METHODS = {
 # the backend runs, an ONNX model with an op that has no gradient rule included.
 FORWARD_ONLY = frozenset({"eigencam", "attention_rollout", "scorecam", "ablationcam", "occlusion", "rise"})
 
-# Methods whose perturbations cost hundreds to thousands of forward passes per image: a run
-# explains them only when its configuration names them; DEFAULT_METHODS is every other one.
-# The attention methods too: they need a vision transformer's attention layers, which a CNN has not.
-ON_REQUEST = frozenset({"scorecam", "ablationcam", "occlusion", "rise", "attention_rollout", "transformer_attribution"})
+# The methods that read a vision transformer's attention probabilities, which a CNN has not.
+ATTENTION_METHODS = frozenset({"attention_rollout", "transformer_attribution"})
+
+# Methods whose perturbations cost hundreds to thousands of forward passes per image, and the
+# attention methods: a run explains them only when its configuration names them; DEFAULT_METHODS
+# is every other one.
+ON_REQUEST = frozenset({"scorecam", "ablationcam", "occlusion", "rise"}) | ATTENTION_METHODS
 DEFAULT_METHODS = tuple(name for name in METHODS if name not in ON_REQUEST)
 
 # The methods whose maps are per-pixel gradients (multisal.pictures clips them at a percentile);
