@@ -195,7 +195,9 @@ def default_layer(records: Sequence[LayerRecord], layouts: dict) -> Optional[str
         if norms:
             source = by_name[norms[-1]].source
             return source if source in layouts and layouts[source].kind == "tokens" else norms[-1]
-    return list(layouts)[-1]
+    # The last record that is a feature map, in execution order: a module that runs twice (ResNet's
+    # in-place ReLU) has records at both calls, while `layouts` keeps the first call's place.
+    return [r.name for r in records if r.name in layouts][-1]
 
 
 def resolve_layout(layer, activation_shape, input_hw, known=None, layout=None, prefix_tokens=None, token_grid=None,

@@ -111,3 +111,13 @@ def test_impossible_overrides_and_token_counts_are_one_line(shape, kwargs, messa
         resolve_layout("blocks.3", shape, (64, 64), **kwargs)
     text = str(info.value)
     assert message in text and "\n" not in text, text
+
+
+def test_a_module_that_runs_twice_is_the_default_at_its_last_call():
+    """ResNet's block calls its one in-place ReLU twice: its records come at both calls, and the
+    block's output (the second call) is the last feature map, not the BatchNorm before it."""
+    records = [LayerRecord("layer4.1.conv1", (512, 2, 2)), LayerRecord("layer4.1.bn1", (512, 2, 2), "norm"),
+               LayerRecord("layer4.1.relu", (512, 2, 2)), LayerRecord("layer4.1.conv2", (512, 2, 2)),
+               LayerRecord("layer4.1.bn2", (512, 2, 2), "norm"), LayerRecord("layer4.1.relu", (512, 2, 2)),
+               LayerRecord("avgpool", (512, 1, 1)), LayerRecord("fc", (10,))]
+    assert default_layer(records, recognise_layers(records, (64, 64))) == "layer4.1.relu"
