@@ -8,6 +8,7 @@ import importlib
 
 from .backend import Backend, ByteSize, Result
 from .errors import MissingFrameworkError, MultisalError
+from .evaluation import METRICS, evaluate
 from .methods import METHODS
 from .methods.ablationcam import ablationcam
 from .methods.class_visualization import class_visualization
@@ -65,5 +66,5 @@ __all__ = [
     "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc", "OBJECTIVES", "METHODS",
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",
     "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise",
-    "smooth", "fooling_image", "class_visualization", "segment",
+    "smooth", "fooling_image", "class_visualization", "segment", "evaluate", "METRICS",
 ]
