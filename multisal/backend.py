@@ -219,7 +219,8 @@ class Backend:
         for name in layers:
             if name not in known:
                 close = closest_names(name, known)
-                hint = f"closest: {', '.join(close)}" if close else f"{len(known)} layers have parameters"
+                hint = f"closest: {', '.join(close)}" if close else \
+                    f"layers with parameters: {', '.join(known[:12])}{', ...' if len(known) > 12 else ''}"
                 raise MultisalError(f"layer {name!r} of {self.describe()} has no parameters to randomise: {hint}")
         return self._randomized(list(layers), int(seed))
 
