@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..files import DEFAULT_TAG, write_atomic
+from .score_tables import STYLE as SCORES_STYLE, image_table, summary_table
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -55,7 +56,7 @@ CHECK = """
 def page(title, body) -> str:
     """A complete HTML page around `body` (already escaped HTML), with the load check."""
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<style>{STYLE}{SCORES_STYLE}</style>\n</head>\n<body>\n"
             f'<pre id="page-errors"></pre>\n<script>{CHECK}</script>\n'
             f"<h1>{html.escape(title)}</h1>\n{body}\n</body>\n</html>\n")
 
@@ -83,7 +84,8 @@ def render(records, config_text, title="multisal explain") -> str:
     ok = sum(r["status"] == "ok" for r in records)
     parts = [f"<p>{len(records)} input{'s' if len(records) != 1 else ''}: {ok} explained, "
              f"{len(records) - ok} failed.</p>"]
-    parts += [_section(r) for r in records]
+    parts += [_section(r) + image_table(r) for r in records]
+    parts.append(summary_table(records))
     parts.append(f'<h2>Configuration</h2>\n<pre class="config">{html.escape(config_text)}</pre>')
     return page(title, "\n".join(parts))
 
