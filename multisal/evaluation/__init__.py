@@ -16,7 +16,7 @@ import numpy as np
 from ..backend import check_input
 from ..errors import MultisalError
 from ..methods import METHODS
-from ..objectives import clean_target
+from ..objectives import Region, clean_target
 from ..progress import progress_bar
 from .baselines import BASELINES, random_map, sobel_map
 from .causal import causal_curves, deletion, gaussian_blur, insertion
@@ -103,6 +103,9 @@ def evaluate(be, x, maps, metrics=METRICS, target=None, baselines=False, explain
     remakers = _remakers(named, metrics, explain, method_options or {}, seed)
     if "randomization" in metrics:
         be.check_randomizes()
+    if isinstance(target, str) or isinstance(target, Region):
+        raise MultisalError(f"evaluate's target must be None, a class index or one per image, got {target!r}: the "
+                            "metrics score the probability of one class per image")
     target = clean_target(be, x, target)
     scores = {name: {} for name in named}
     for name in progress_bar(named, desc="evaluate", enabled=progress, unit="map"):

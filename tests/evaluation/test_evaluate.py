@@ -1,5 +1,7 @@
 """ms.evaluate as a user calls it: what it returns, that its batches do not change its scores,
 the trivial baselines, and bad input said in one line naming it."""
+import doctest
+
 import numpy as np
 import pytest
 import torch
@@ -73,9 +75,27 @@ def test_sobel_baseline_is_the_gradient_magnitude_of_a_ramp(setup):
      "map 'sobel' is also the name of a baseline"),
     (lambda be, x, m: ms.evaluate(be, x, {}), "maps holds no map"),
     (lambda be, x, m: ms.evaluate(be, x, m, target=9, metrics=["deletion"]), "target "),
+    (lambda be, x, m: ms.evaluate(be, x, m, target="argmax_per_sample"),
+     "evaluate's target must be None, a class index or one per image, got 'argmax_per_sample'"),
 ])
 def test_bad_input_is_one_line_naming_it(setup, call, message):
     be, x, maps = setup
     with pytest.raises(ms.MultisalError) as err:
         call(be, x, maps)
     assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_docstring_example_runs():
+    """evaluate's Example, under doctest with the set-up the methods' examples share."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    globs = {"ms": ms, "np": np, "be": ms.load_backend("torch", model=net, preset="raw"),
+             "x": np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)}
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder(recurse=False).find(ms.evaluate, "ms.evaluate", globs=globs):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted == 2 and result.failed == 0
