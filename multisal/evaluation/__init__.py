@@ -61,6 +61,8 @@ def evaluate(be, x, maps, metrics=METRICS, target=None, baselines=False, explain
         be: the backend (multisal.Backend) that runs the model the maps explain.
         x: inputs (N,C,H,W) float32 in model space.
         maps: {name: (N,H,W) map}, or one (N,H,W) array (named "map"); each at the inputs' size.
+            An (N,C,H,W) attribution (Integrated Gradients') is scored as the max over channels of
+            its magnitude.
         metrics: names from METRICS (default all): "deletion", "insertion", "road_morf",
             "road_lerf", "randomization", "random_logit", "sparseness", "complexity".
         target: None (default: each image's top class on the clean input), an int or one int per

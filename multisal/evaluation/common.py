@@ -9,12 +9,16 @@ from ..errors import MultisalError
 
 def check_maps(name, maps, x) -> np.ndarray:
     """Map `name` as float64 (N, H, W) for inputs x (N, C, H, W): one map per input, at the
-    input's resolution (a (N, 1, H, W) map is taken as (N, H, W)), finite."""
+    input's resolution, finite. An attribution per channel, (N, C, H, W) as Integrated Gradients
+    and Occlusion with channel_reduce=None give, becomes the max over channels of its magnitude
+    (the vanilla gradient's default reduction); (N, 1, H, W) is taken as (N, H, W)."""
     if not isinstance(maps, np.ndarray) or maps.dtype.kind not in "fiu":
         raise MultisalError(f"map {name!r} must be a numeric numpy array, got "
                             f"{getattr(maps, 'dtype', type(maps).__name__)}")
     if maps.ndim == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
+    elif maps.ndim == 4 and maps.shape[1] == x.shape[1]:
+        maps = np.abs(maps).max(axis=1)
     expected = (len(x), *x.shape[2:])
     if maps.shape != expected:
         raise MultisalError(f"map {name!r} has shape {maps.shape}, expected {expected} (one map per input, at the "

@@ -35,6 +35,17 @@ def test_every_metric_on_methods_and_baselines(setup):
     assert scores["vanilla_gradient"]["randomization"].max() < 0.99
 
 
+def test_an_attribution_per_channel_is_scored_by_its_largest_magnitude(setup):
+    be, x, _ = setup
+    ig = ms.integrated_gradients(be, x, steps=4)
+    assert ig.shape == (2, 3, 16, 16)
+    ours = ms.evaluate(be, x, {"integrated_gradients": ig}, metrics=["sparseness", "random_logit"],
+                       method_options={"integrated_gradients": {"steps": 4}})["integrated_gradients"]
+    expected = ms.evaluate(be, x, np.abs(ig).max(axis=1), metrics=["sparseness"])["map"]["sparseness"]
+    np.testing.assert_allclose(ours["sparseness"], expected)
+    assert np.isfinite(ours["random_logit"]).all()
+
+
 def test_batch_size_does_not_change_the_scores(setup):
     be, x, maps = setup
     metrics = ["deletion", "insertion", "road_morf", "road_lerf"]
