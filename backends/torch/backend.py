@@ -150,8 +150,12 @@ class TorchBackend(Backend):
             for name in layers:
                 torch.manual_seed(seed)
                 modules[name].reset_parameters()
-        return TorchBackend(model, device=str(self.device), memory_budget=self._memory_budget, preset=self.preset,
-                            channels_last=self.channels_last, fold_batchnorm=self.fold_batchnorm)
+        # A randomised copy explains once or twice: tracing it to fold its BatchNorms would cost
+        # more than folding saves, and its activations are the size of the model's.
+        copy_backend = TorchBackend(model, device=str(self.device), memory_budget=self._memory_budget,
+                                    preset=self.preset, channels_last=self.channels_last, fold_batchnorm=False)
+        copy_backend._bytes_per_sample = dict(self._bytes_per_sample)
+        return copy_backend
 
     def _module(self, name):
         if name not in self._modules or not name:
