@@ -10,7 +10,9 @@ from .backend import Backend, ByteSize, Result
 from .errors import MissingFrameworkError, MultisalError
 from .evaluation import METRICS, evaluate
 from .methods import METHODS
+from .layouts import LAYOUTS, Layout
 from .methods.ablationcam import ablationcam
+from .methods.attention_rollout import attention_rollout
 from .methods.class_visualization import class_visualization
 from .methods.eigencam import eigencam
 from .methods.fooling import fooling_image
@@ -25,10 +27,12 @@ from .methods.scorecam import scorecam
 from .methods.segment import segment
 from .methods.smooth_gradcam_pp import smooth_gradcam_pp
 from .methods.smoothgrad import smoothgrad
+from .methods.transformer_attribution import transformer_attribution
 from .methods.vanilla import vanilla_gradient
 from .methods.xgradcam import xgradcam
 from .noise import smooth
-from .objectives import ARGMAX_PER_SAMPLE, OBJECTIVES, Region, region
+from .objectives import ARGMAX_PER_SAMPLE, OBJECTIVES, Detections, Region, detections, region
+from .pictures import overlay, show
 from .presets import Preset, get_preset
 from .registry import register_backend
 
@@ -45,6 +49,7 @@ _ELSEWHERE = {
     "Job": "multisal.app.job",
     "tune_malloc": "multisal.app.malloc",
     "export_gradient_graph": "multisal.backends.onnx.backend",
+    "check_model": "multisal.backends.onnx.check",
 }
 
 
@@ -61,10 +66,13 @@ def __dir__():
 
 
 __all__ = [
-    "Backend", "ByteSize", "Result", "register_backend", "load_backend", "export_gradient_graph", "MultisalError",
-    "MissingFrameworkError", "get_preset", "Preset", "region", "Region", "ARGMAX_PER_SAMPLE", "load_config",
+    "Backend", "ByteSize", "Result", "register_backend", "load_backend", "export_gradient_graph", "check_model",
+    "MultisalError",
+    "MissingFrameworkError", "get_preset", "Preset", "region", "Region", "detections", "Detections", "ARGMAX_PER_SAMPLE",
+    "load_config",
     "ConfigError", "run_explain", "run_batch", "Job", "ExplainRun", "tune_malloc", "OBJECTIVES", "METHODS",
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",
     "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise",
-    "smooth", "fooling_image", "class_visualization", "segment", "evaluate", "METRICS",
+    "attention_rollout", "transformer_attribution", "Layout", "LAYOUTS",
+    "smooth", "fooling_image", "class_visualization", "segment", "overlay", "show", "evaluate", "METRICS",
 ]

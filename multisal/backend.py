@@ -22,8 +22,9 @@ asks for it. A backend that can implements `parameter_layers` and `_randomized`;
 in one line.
 
 A subclass implements `_run`, `layer_names`, `candidate_layers`, `sample_bytes` and, where its
-models declare one, `sample_shape` (and `_run_replaced` where it can); this class does the rest
-once for all of them: input checks, chunking a batch by the memory budget, the default layer,
+models declare one, `sample_shape` (and `_run_replaced` where it can, `layer_records` where it
+can describe every layer); this class does the rest once for all of them: input checks, chunking
+a batch by the memory budget, the layers' layouts and the default layer (multisal.layouts),
 closest-name hints for unknown layers, and a check of every Result it returns. It also declares
 what the registry, the configuration and the engines need to know (multisal.registry): its name,
 the framework it imports and how to install it, its options (its __init__'s keywords), how it
@@ -42,8 +43,9 @@ import numpy as np
 
 from .errors import MissingFrameworkError, MultisalError
 from .frameworks import available
+from .layouts import LayerRecord, attention_layers, default_layer, recognise_layers, resolve_layout
 from .modelspec import call_factory, model_kind
-from .objectives import check_objective, check_target, target_rows
+from .objectives import Detections, check_objective, check_target, target_rows
 
 # A call never carries more samples than this, whatever the budget.
 MAX_BATCH = 256
@@ -111,9 +113,17 @@ class Backend:
         raise NotImplementedError
 
     def candidate_layers(self, sample_shape) -> list:
-        """[(layer name, activation shape without the batch)] of the 4-D activations with spatial
-        size > 1 that feed the output, in execution order: the layers Grad-CAM can use."""
+        """[(layer name, activation shape without the batch)] of the activations that are feature
+        maps (NCHW, NHWC or tokens, multisal.layouts) with spatial size > 1 and feed the output,
+        in execution order: the layers Grad-CAM can use."""
         raise NotImplementedError
+
+    def layer_records(self, sample_shape) -> list:
+        """[multisal.layouts.LayerRecord] of the layers in execution order, for layout recognition.
+        This default describes the candidate layers as NCHW, which is what a backend that does not
+        describe its layers itself promises of them; the torch and onnx backends describe every
+        layer (shape, normalisation or softmax, the layer it reads)."""
+        return [LayerRecord(name, tuple(shape), hint="nchw") for name, shape in self.candidate_layers(sample_shape)]
 
     def sample_bytes(self, sample_shape) -> int:
         """Bytes one sample of this shape holds during a call (forward and backward)."""
@@ -135,7 +145,8 @@ class Backend:
             replace: Optional[Mapping[str, np.ndarray]] = None) -> Result:
         """One pass over x. With objective None only outputs and activations are returned.
 
-        target: an int64 array (N,), ARGMAX_PER_SAMPLE (chosen from this pass's output) or a Region.
+        target: an int64 array (N,), ARGMAX_PER_SAMPLE (chosen from this pass's output), a Region or
+        Detections.
         replace: {layer: array with one row per input}: a forward-only pass (no objective, layers
         or input gradient) in which those layers output the arrays given (see the module docstring).
         """
@@ -145,6 +156,8 @@ class Backend:
         if objective is not None:
             check_objective(objective)
             target = check_target(target, len(x))
+            if isinstance(target, Detections):
+                target.check_input(x.shape)
         elif input_grad:
             raise MultisalError("an input gradient needs an objective")
         layers = list(layers)
@@ -229,15 +242,47 @@ class Backend:
         return self.run(x).outputs
 
     def default_layer(self, sample_shape) -> str:
-        """The last 4-D activation with spatial size > 1 that feeds the output."""
+        """The layer a CAM reads by default: the last feature maps with spatial size > 1 that feed
+        the output, or in a vision transformer the input of its last block's first norm
+        (multisal.layouts.default_layer)."""
         key = tuple(sample_shape)
         cache = self.__dict__.setdefault("_default_layers", {})
         if key not in cache:
-            candidates = self.candidate_layers(key)
-            if not candidates:
-                raise MultisalError(f"{self.describe()} has no 4-D activation with spatial size > 1: name a layer")
-            cache[key] = candidates[-1][0]
+            records, layouts = self._layouts(key)
+            name = default_layer(records, layouts)
+            if name is None:
+                raise MultisalError(f"{self.describe()} has no 4-D activation or token sequence on a grid with "
+                                    "spatial size > 1: name a layer")
+            cache[key] = name
         return cache[key]
+
+    def _layouts(self, sample_shape):
+        """(layer records, {name: Layout} of the feature-map layers) at this input shape, once."""
+        key = tuple(sample_shape)
+        cache = self.__dict__.setdefault("_layer_layouts", {})
+        if key not in cache:
+            records = self.layer_records(key)
+            cache[key] = records, recognise_layers(records, key[1:])
+        return cache[key]
+
+    def layer_layouts(self, sample_shape) -> dict:
+        """{layer: multisal.layouts.Layout} of the layers a CAM can read at this input shape, in
+        execution order."""
+        return dict(self._layouts(sample_shape)[1])
+
+    def attention_layers(self, sample_shape) -> list:
+        """The attention probabilities (softmax outputs (N, heads, T, T) over the model's token
+        sequence) in execution order: the layers attention rollout reads."""
+        records, layouts = self._layouts(sample_shape)
+        return attention_layers(records, layouts)
+
+    def layer_layout(self, layer, activation_shape, sample_shape, layout=None, prefix_tokens=None, token_grid=None):
+        """The Layout of `layer`'s activation of `activation_shape` (batch first) for inputs of
+        sample_shape: the recognised one, or what the overrides say (checked against the shape)."""
+        _, layouts = self._layouts(sample_shape)
+        grids = [found.grid for found in layouts.values()]
+        return resolve_layout(layer, activation_shape, tuple(sample_shape)[1:], layouts.get(layer), layout, prefix_tokens,
+                              token_grid, grids)
 
     def batch_size(self, sample_shape) -> int:
         """How many inputs of this shape one call carries: as many as the memory budget holds."""

@@ -44,9 +44,18 @@ per second, wall time including set-up (on ray: starting a local cluster of this
 one actor per CPU); then the local engine's peak RSS on jobs of --memory-images images (issue 6
 aims at the largest within 10% of the smallest).
 
+"int8": SmoothGrad and Grad-CAM++ on an int8 (QDQ) EfficientNet-Lite0 against its float32 model,
+both on the onnx backend on the CPU: time ratios and the maps' correlation.
+
 "adaptive": SmoothGrad n="auto" on the scikit-image photos with EfficientNet-Lite0: the samples it
 used, how far its map is from n=100's (the same noise stream, so the first k samples are shared),
 and the fewest samples after which the running mean stays within the tolerance of n=100's map.
+
+"precision": SmoothGrad n=50 and Grad-CAM++ on reduced-precision versions of EfficientNet-Lite0
+(PRECISIONS: onnxconverter-common's float16 conversion) against its float32 export, all on the
+onnx backend, on the CPU and, where onnxruntime has its CUDA provider, on CUDA too (it says when
+there is none): seconds as ratios to float32's from one run, and each map's correlation with the
+float32 model's.
 
 Timings are the best of --repeats rounds, the cases of a work interleaved round by round; fewer
 rounds where they would pass --budget seconds. "corr" is the Pearson correlation of a reference's
@@ -698,6 +707,112 @@ def metrics_section(args):
               f"   {references.get(work, 'Quantus')}")
     print("  (ROAD's max |diff| includes the two libraries' own imputation noise draws, std 0.01)")
     return rows
+# ---- precision: reduced-precision versions of EfficientNet-Lite0 against its float32 export -----
+def _float16(model):
+    """onnxconverter-common's float16 conversion, inputs and outputs float16 too."""
+    from onnxconverter_common import float16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "the float32 number ... will be truncated": its weights' tails
+        return float16.convert_float_to_float16(model)
+
+
+# The reduced-precision versions timed against the float32 model: name -> ModelProto -> ModelProto.
+PRECISIONS = {"float16": _float16}
+PRECISION_WORKS = {"smoothgrad n=50": lambda be, x, t: ms.smoothgrad(be, x, target=t, n=50),
+                   "gradcam_pp": lambda be, x, t: ms.gradcam_pp(be, x, target=t)}
+
+
+@section("precision")
+def precision(args):
+    """SmoothGrad n=50 and Grad-CAM++ on EfficientNet-Lite0 as PRECISIONS convert it, against the
+    float32 export on the same onnx backend and provider: seconds as ratios from one run, and the
+    correlation of each map with the float32 one's (chelsea, 224x224, the float32 argmax class)."""
+    import onnx
+    import onnxruntime as ort
+    pre = ms.get_preset("efficientnet-lite")
+    x = pre.apply(demo_photos()["chelsea"], size=(224, 224))
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.append("CUDAExecutionProvider")
+    else:
+        print("\nprecision: no CUDAExecutionProvider here (onnxruntime-gpu and a GPU needed): CPU only")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(models.load("efficientnet-lite0"), Path(tmp) / "lite0.onnx")
+        files = {"float32": path}
+        for name, convert in PRECISIONS.items():
+            files[name] = Path(tmp) / f"lite0.{name}.onnx"
+            onnx.save(convert(onnx.load(str(path))), str(files[name]))
+        for provider in providers:
+            backends = {name: ms.load_backend("onnx", model=str(f), providers=[provider], cache_dir=tmp)
+                        for name, f in files.items()}
+            target = np.array([int(backends["float32"].predict(x).argmax())])
+            print(f"\nprecision on {provider} (EfficientNet-Lite0, chelsea, class {int(target[0])}): "
+                  "seconds per image, ratio to float32, correlation of the maps with float32's")
+            rows = {}
+            for work, call in PRECISION_WORKS.items():
+                cases = {name: (lambda be=be: call(be, x, target)) for name, be in backends.items()}
+                seconds, outputs = best_times(cases, args.repeats, args.budget)
+                rows[work] = {name: {"seconds": seconds[name], "ratio": seconds[name] / seconds["float32"],
+                                     "corr": correlation(outputs[name], outputs["float32"])} for name in cases}
+                for name, row in rows[work].items():
+                    print(f"  {work:16s} {name:10s} {row['seconds']:8.3f} s  x{row['ratio']:5.2f}  corr {row['corr']:.4f}")
+            results[provider] = {"target": int(target[0]), "works": rows}
+    return results
+
+
+@section("int8")
+def int8(args):
+    """SmoothGrad (n=--n) and Grad-CAM++ on EfficientNet-Lite0 quantised to int8 (onnxruntime's
+    quantize_static: QDQ, per channel, calibrated on the scikit-image photos) against the float32
+    model it came from, both on the onnx backend on the CPU, chelsea at 224x224: the time ratios
+    from one run, and how the maps correlate (the straight-through estimator, not an exact
+    gradient)."""
+    from onnxruntime import quantization
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Photos(quantization.CalibrationDataReader):
+        def __init__(self, batch):
+            self.feeds = iter([{"input": batch[i:i + 1]} for i in range(len(batch))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    preset = ms.get_preset("efficientnet-lite")
+    photos = demo_photos()
+    x = preset.apply(photos["chelsea"], size=(224, 224))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # TorchScript's exporter: the dynamo one keeps the weights in a side file the quantiser's
+        # pre-processing does not follow. The float32 model timed is the pre-processed one it quantises.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(models.load("efficientnet-lite0"), (torch.zeros(1, 3, 224, 224),), str(tmp / "export.onnx"),
+                              dynamo=False, input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+        quant_pre_process(str(tmp / "export.onnx"), str(tmp / "float.onnx"), skip_symbolic_shape=True)
+        quantization.quantize_static(str(tmp / "float.onnx"), str(tmp / "int8.onnx"),
+                                     Photos(np.concatenate([preset.apply(p, size=(224, 224)) for p in photos.values()])),
+                                     quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                                     activation_type=quantization.QuantType.QInt8,
+                                     weight_type=quantization.QuantType.QInt8)
+        backends = {kind: ms.load_backend("onnx", model=str(tmp / f"{kind}.onnx"), cache_dir=tmp, preset=preset)
+                    for kind in ("float", "int8")}
+        target = int(backends["float"].predict(x).argmax())
+        lo, hi = preset.value_range
+        works = {"smoothgrad": lambda be: ms.smoothgrad(be, x, target, n=args.n, sigma=NOISE_LEVEL * (hi - lo), seed=0),
+                 "gradcam_pp": lambda be: ms.gradcam_pp(be, x, target)}
+        print(f"\nint8 (QDQ, per channel) EfficientNet-Lite0 against float32, onnx backend, CPU, 224x224, "
+              f"SmoothGrad n={args.n}:")
+        print(f"  {'work':12s} {'float32 s':>10s} {'int8 s':>8s} {'int8/float32':>13s} {'corr':>6s}")
+        results = {}
+        for work, call in works.items():
+            seconds, outputs = best_times({kind: (lambda be=be: call(be)) for kind, be in backends.items()},
+                                          args.repeats, args.budget)
+            ratio, corr = seconds["int8"] / seconds["float"], correlation(outputs["int8"], outputs["float"])
+            print(f"  {work:12s} {seconds['float']:10.3f} {seconds['int8']:8.3f} {ratio:13.2f} {corr:6.3f}")
+            results[work] = {"float32_s": seconds["float"], "int8_s": seconds["int8"], "ratio": ratio, "corr": corr}
+    return results
 
 
 def subset(choices):

@@ -383,10 +383,6 @@ class _ChainerOps:
         return -x
 
     @staticmethod
-    def mul(a, b):
-        return a * b
-
-    @staticmethod
     def total(x):
         return F.sum(x)
 
@@ -407,3 +403,41 @@ class _ChainerOps:
 
     def constant(self, array):
         return self.device.send(np.asarray(array))
+
+    @staticmethod
+    def take(x, axis, start, stop):
+        return x[(slice(None),) * axis + (slice(start, stop),)]
+
+    @staticmethod
+    def mul(a, b):
+        # Chainer's arithmetic on Variables does not broadcast: the objectness (N, 1, A) times the
+        # class scores (N, C, A) of a detection target are broadcast first.
+        if isinstance(a, chainer.Variable) or isinstance(b, chainer.Variable):
+            if a.shape != b.shape:
+                a, b = F.broadcast(a, b)
+        return a * b
+
+    # The detection mask's operations, on arrays (stop_gradient leaves the graph).
+    @staticmethod
+    def add(a, b):
+        return a + b
+
+    @staticmethod
+    def sub(a, b):
+        return a - b
+
+    @staticmethod
+    def minimum(a, b):
+        return chainer.backend.get_array_module(a).minimum(a, b)
+
+    @staticmethod
+    def maximum(a, b):
+        return chainer.backend.get_array_module(a).maximum(a, b)
+
+    @staticmethod
+    def at_least(a, b):
+        return (a >= b).astype(a.dtype)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x.array

@@ -22,13 +22,16 @@ from multisal.backend import Backend, ByteSize, Result, concatenate_results, par
 from multisal.errors import MultisalError
 from multisal.files import is_regular_file, write_atomic
 from multisal.frameworks import lazy_import
+from multisal.layouts import LayerRecord
 from multisal.modelspec import call_factory, model_kind
-from multisal.objectives import Region, check_objective, check_target_range, is_argmax_per_sample
+from multisal.objectives import Detections, Region, check_objective, check_target_range, is_argmax_per_sample
 from multisal.registry import register_backend
 
-from .grad.builder import FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, grad_name, probe
+from .grad.builder import (FLOAT_TYPES, GradientRequest, act_name, build_gradient_model, constant_values, grad_name,
+                            graph_input, probe)
+from .grad.rules import quantization
 from . import runtime
-from .grad.objective import REGION_INPUT, TARGET_INPUT, USED_TARGET
+from .grad.objective import BOX_INPUT, CLASS_INPUT, IOU_INPUT, REGION_INPUT, TARGET_INPUT, USED_TARGET
 from .model import exported_model, prepare_model
 
 onnx = lazy_import("onnx")
@@ -37,7 +40,7 @@ helper = lazy_import("onnx.helper")
 
 CPU_MEMORY_BUDGET = 1 << 30
 CACHE_FALLBACK = 16 << 20   # the last-level cache assumed where the machine does not say
-CACHE_FORMAT = "6"   # bump when the gradient graphs multisal writes change
+CACHE_FORMAT = "7"   # bump when the gradient graphs multisal writes change
 
 
 def default_cache_dir() -> Path:
@@ -58,11 +61,16 @@ def last_level_cache_bytes(folder="/sys/devices/system/cpu/cpu0/cache") -> int:
     return max(sizes, default=CACHE_FALLBACK)
 
 
+# Node types whose output is kind "norm" or "softmax" for layout recognition (multisal.layouts).
+NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                      "SkipLayerNormalization", "BatchNormalization", "GroupNormalization", "InstanceNormalization"})
+
+
 def _channels_last(model, shapes):
-    """Names of 4-D tensors laid out (N, H, W, C), which are no Grad-CAM layers: a Transpose's output
-    with perm [0, 2, 3, 1], and what a node makes of such a tensor (its first input) keeping the
-    leading (N, H, W): ConvNeXt's and Swin's LayerNorm, Linear and GELU on channels-last maps, whose
-    last two axes (W, C) would otherwise pass for a spatial size."""
+    """Names of 4-D tensors laid out (N, H, W, C): a Transpose's output with perm [0, 2, 3, 1], and
+    what a node makes of such a tensor (its first input) keeping the leading (N, H, W): ConvNeXt's
+    and Swin's LayerNorm, Linear and GELU on channels-last maps, whose last two axes (W, C) would
+    otherwise pass for a spatial size."""
     found = set()
     for node in model.graph.node:
         if node.op_type == "Transpose":
@@ -107,10 +115,14 @@ class OnnxBackend(Backend):
         self._input_dims = prepared.input_dims
         self.batch_one = prepared.batch_one
         self.model = prepared.model
+        # Inputs are fed in the model's own type (float16 for a half-precision model); what comes
+        # back is float32 (as_float32), what the methods compute in.
+        self.input_dtype = helper.tensor_dtype_to_np_dtype(graph_input(self.model).type.tensor_type.elem_type)
         self._digest = hashlib.sha256(self.model.SerializeToString()).hexdigest()
         self._sessions = {}
         self._cache_on_disk = True   # a randomized() copy keeps its gradient graphs in memory only
         self._probes = {}
+        self._quantised = None
         self._sample_bytes = {}
 
     # ---- from a configuration ------------------------------------------------------------------
@@ -189,6 +201,12 @@ class OnnxBackend(Backend):
             self._probes[key] = probe(self.model, key, 1 if self.batch_one else 2, self.source)
         return self._probes[key]
 
+    def probed(self, sample_shape):
+        """(shapes, element types) of every tensor for inputs of this (C, H, W), from one probe run
+        (cached); shapes at the batch the gradient graphs are built for."""
+        shapes, dtypes, _ = self._probe(sample_shape)
+        return shapes, dtypes
+
     # ---- layers -------------------------------------------------------------------------------
     def layer_names(self):
         return [o for node in self.model.graph.node for o in node.output if o]
@@ -233,18 +251,47 @@ class OnnxBackend(Backend):
         return copy
 
     @property
+    def input_dims(self):
+        """The input's shape as the file declares it (None for free axes), before any batch rewrite."""
+        return list(self._input_dims)
+
+    @property
     def sample_shape(self):
         """The (C, H, W) the model declares, with None for free axes."""
         return tuple(self._input_dims[1:])
 
-    def candidate_layers(self, sample_shape):
-        """[(tensor name, shape without batch)] of float 4-D node outputs with spatial size > 1, in
-        graph order: the layers Grad-CAM can use."""
+    def layer_records(self, sample_shape):
+        """Every float node output whose first axis is the probe's batch (multisal.layouts.LayerRecord),
+        in graph order: normalisations' outputs are kind "norm", Softmax outputs kind "softmax",
+        channels-last tensors carry the hint "nhwc"; a record's source is the node's first input
+        where a node computes it."""
         shapes, dtypes, _ = self._probe(sample_shape)
         nhwc = _channels_last(self.model, shapes)
-        return [(o, shapes[o][1:]) for node in self.model.graph.node for o in node.output
-                if o and dtypes.get(o) in FLOAT_TYPES and len(shapes.get(o, ())) == 4
-                and shapes[o][2] * shapes[o][3] > 1 and o not in nhwc]
+        batch = 1 if self.batch_one else 2
+        quantised = self.quantised_layers()
+        produced = set(self.layer_names())
+        records = []
+        for node in self.model.graph.node:
+            kind = "norm" if node.op_type in NORM_OPS else "softmax" if node.op_type == "Softmax" else ""
+            source = node.input[0] if node.input and node.input[0] in produced else None
+            for o in node.output:
+                shape = shapes.get(o, ())
+                if o and (dtypes.get(o) in FLOAT_TYPES or o in quantised) and len(shape) >= 2 and shape[0] == batch:
+                    records.append(LayerRecord(o, tuple(shape[1:]), kind, source, "nhwc" if o in nhwc else None))
+        return records
+
+    def candidate_layers(self, sample_shape):
+        """[(tensor name, shape without batch)] of float node outputs that are feature maps (NCHW,
+        NHWC or tokens) with spatial size > 1, in graph order: the layers Grad-CAM can use."""
+        records, layouts = self._layouts(tuple(sample_shape))
+        return [(r.name, r.shape) for r in records if r.name in layouts]
+
+    def quantised_layers(self):
+        """{tensor: (scale, zero point)}: the integer tensors of a quantised model that stand for real
+        values; as layers they are shown as those values (rules/quantization.py)."""
+        if self._quantised is None:
+            self._quantised = quantization.quantised_tensors(self.model, constant_values(self.model))
+        return self._quantised
 
     def _activation_bytes(self, sample_shape):
         """{tensor: bytes per sample} of every node output, at each tensor's own width."""
@@ -285,12 +332,20 @@ class OnnxBackend(Backend):
         if objective is None:
             return self._forward(x, layers)
         region = isinstance(target, Region)
-        request = GradientRequest(layers=tuple(layers), input_grad=bool(input_grad), objective=objective, region=region)
+        output = self.model.graph.output[0].name
+        shapes, dtypes, _ = self._probe(x.shape[1:])
+        detection = target.decoding(shapes[output]) if isinstance(target, Detections) else None
+        request = GradientRequest(layers=tuple(layers), input_grad=bool(input_grad), objective=objective, region=region,
+                                  region_axis=target.axis if region else None, detection=detection)
         session = self._request_session(request, x.shape[1:])
-        feeds = {self.input_name: x}
+        feeds = {self.input_name: self._as_input(x)}
         if region:
-            shape = self._probe(x.shape[1:])[0][self.model.graph.output[0].name]
-            feeds[REGION_INPUT] = target.weights(shape)
+            feeds[REGION_INPUT] = target.weights(shapes[output]).astype(helper.tensor_dtype_to_np_dtype(dtypes[output]))
+        elif detection is not None:
+            float_dtype = helper.tensor_dtype_to_np_dtype(dtypes[output])
+            feeds[BOX_INPUT] = target.box_array().astype(float_dtype)
+            feeds[IOU_INPUT] = target.iou_array().astype(float_dtype)
+            feeds[CLASS_INPUT] = target.class_weights(shapes[output]).astype(float_dtype)
         elif is_argmax_per_sample(target):
             feeds[TARGET_INPUT] = np.full(len(x), -1, np.int64)
         else:
@@ -299,12 +354,14 @@ class OnnxBackend(Backend):
             feeds[TARGET_INPUT] = np.asarray(target, np.int64)
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, runtime.run(session, feeds, f"the gradient graph of {self.source}")))
-        result = Result(outputs=values[self.model.graph.output[0].name],
-                        target=values.get(USED_TARGET),
-                        input_grad=values[grad_name(self.input_name)] if input_grad else None,
-                        activations={n: values[act_name(n)] for n in layers},
-                        gradients={n: values[grad_name(n)] for n in layers})
-        return result
+        return Result(outputs=as_float32(values[self.model.graph.output[0].name]),
+                      target=values.get(USED_TARGET),
+                      input_grad=as_float32(values[grad_name(self.input_name)]) if input_grad else None,
+                      activations={n: as_float32(values[act_name(n)]) for n in layers},
+                      gradients={n: as_float32(values[grad_name(n)]) for n in layers})
+
+    def _as_input(self, x):
+        return x.astype(self.input_dtype, copy=False)
 
     def _forward(self, x, layers):
         key = ("forward", tuple(layers))
@@ -312,13 +369,18 @@ class OnnxBackend(Backend):
             shapes, dtypes, _ = self._probe(x.shape[1:])
             m = onnx.ModelProto()
             m.CopyFrom(self.model)
+            quantised = self.quantised_layers()
             for name in layers:
-                m.graph.output.append(helper.make_tensor_value_info(name, dtypes[name], ["N", *shapes[name][1:]]))
+                shown, dtype = name, dtypes[name]
+                if name in quantised:
+                    m.graph.node.append(quantization.real_view(name, *quantised[name]))
+                    shown, dtype = quantization.REAL_PREFIX + name, dtypes[quantised[name][0]]
+                m.graph.output.append(helper.make_tensor_value_info(shown, dtype, ["N", *shapes[name][1:]]))
             self._sessions[key] = self._session(m.SerializeToString())
         session = self._sessions[key]
-        values = runtime.run(session, {self.input_name: x}, self.source)
+        values = runtime.run(session, {self.input_name: self._as_input(x)}, self.source)
         n_out = len(self.model.graph.output)
-        return Result(outputs=values[0], activations=dict(zip(layers, values[n_out:])))
+        return Result(outputs=as_float32(values[0]), activations={k: as_float32(v) for k, v in zip(layers, values[n_out:])})
 
     def _run_replaced(self, x, replace):
         """The model's own forward graph cut at the replaced tensors, which become inputs fed with
@@ -334,6 +396,12 @@ class OnnxBackend(Backend):
             if value.shape[1:] != shapes[name][1:]:
                 raise MultisalError(f"replace[{name!r}] has shape {value.shape}; layer {name!r} gives "
                                     f"{('N', *shapes[name][1:])} for these inputs")
+            if name in self.quantised_layers():   # given as real values, as the layer is shown
+                constants = constant_values(self.model)
+                scale, zero_point = self.quantised_layers()[name]
+                feeds[name] = quantization.quantise_values(value, constants[scale], constants.get(zero_point, 0),
+                                                           dtypes[name])
+                continue
             feeds[name] = value.astype(helper.tensor_dtype_to_np_dtype(dtypes[name]), copy=False)
         key = ("replace", tuple(sorted(replace)))
         if key not in self._sessions:
@@ -342,9 +410,14 @@ class OnnxBackend(Backend):
             self._sessions[key] = self._session(cut.SerializeToString(), what)
         session = self._sessions[key]
         if self.input_name in {i.name for i in session.get_inputs()}:
-            feeds[self.input_name] = x
+            feeds[self.input_name] = self._as_input(x)
         values = runtime.run(session, feeds, self.source)
-        return Result(outputs=values[0])
+        return Result(outputs=as_float32(values[0]))
+
+
+def as_float32(value):
+    """A float array of the gradient graph (float16, float64 or float32) as float32, the methods' type."""
+    return np.asarray(value).astype(np.float32, copy=False)
 
 
 def cut_at(model, names, shapes, dtypes):

@@ -11,15 +11,17 @@ import re
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
-from .grad.context import forward_node_name
+from .grad.context import OBJECTIVE_SCOPE, forward_node_name
 
 ort = lazy_import("onnxruntime")
 
 _RUNNING = re.compile(r"running (\w+) node\. Name:'([^']*)'")
 _IN_NODE = re.compile(r"in node \(([^)]*)\)")
 _NODE_OP = re.compile(r"Node \(([^)]*)\) Op \((\w+)\)")
+_IN_NODE_SPEC = re.compile(r'In Node, \("([^"]*)", (\w+), [^)]*\) : \(.*?\) -> \(.*?\) , ')
 _SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
-_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# onnxruntime repeats its prefix before each status it wraps.
+_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def failure(err, doing: str, source: str) -> MultisalError:
@@ -27,17 +29,19 @@ def failure(err, doing: str, source: str) -> MultisalError:
     text = " ".join(str(err).split())
     text = _SOURCE.sub("", _PREFIX.sub("", text))
     where = ""
-    match = _RUNNING.search(text) or _NODE_OP.search(text) or _IN_NODE.search(text)
+    match = _RUNNING.search(text) or _NODE_OP.search(text) or _IN_NODE_SPEC.search(text) or _IN_NODE.search(text)
     if match:
         if match.re is _RUNNING:
             op, node = match.group(1), match.group(2)
-        elif match.re is _NODE_OP:
+        elif match.re in (_NODE_OP, _IN_NODE_SPEC):
             node, op = match.group(1), match.group(2)
         else:
             op, node = None, match.group(1)
         forward = forward_node_name(node) if node else node
         if forward != node:   # a node of the gradient graph: the model's node it differentiates
             where = f" (the gradient of node {forward!r}" + (f", op {op})" if op else ")")
+        elif node.startswith(OBJECTIVE_SCOPE + "/"):   # what the objective wrote on the model's output
+            where = f" (the objective on the model's output, node {node!r}" + (f", op {op})" if op else ")")
         elif node:
             where = f" (node {node!r}" + (f", op {op})" if op else ")")
         else:

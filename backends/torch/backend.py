@@ -25,6 +25,7 @@ from multisal.allocator import reuses_large_blocks
 from multisal.backend import Backend, ByteSize, Result, parse_bytes
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
+from multisal.layouts import LayerRecord
 from multisal.modelspec import call_factory, model_kind
 from multisal.objectives import objective_value
 from multisal.registry import register_backend
@@ -41,8 +42,11 @@ torch = lazy_import("torch")
 CPU_MEMORY_BUDGET = 1 << 30
 CPU_MEMORY_BUDGET_TUNED_MALLOC = 2 << 30
 # Folding BatchNorm changes float32 rounding only (README, "Use", says by how much), so a folded
-# model further off than this from the model is not the same function and is not used.
+# model further off than this from the model, in its outputs or its input gradient, is not the
+# same function and is not used. The gradient's bound is wider: a ReLU kink that falls the other
+# way moves a few of its elements (README, "Use", says by how much); a wrong fold is off by O(1).
 _FOLD_TOLERANCE = 1e-4
+_FOLD_GRADIENT_TOLERANCE = 3e-2
 _FOLDED_VARIANTS = 4
 
 
@@ -164,48 +168,79 @@ class TorchBackend(Backend):
 
     def _trace(self, sample_shape):
         """One forward pass on a single zero input, recording every module's output in order, with
-        its version counter (which in-place ops bump) at that moment."""
+        its version counter (which in-place ops bump) at that moment, and the module's first input."""
         seen = []
         handles = []
 
         def record(name):
-            def hook(_module, _inputs, output):
+            def hook(module, inputs, output):
                 if isinstance(output, torch.Tensor):
-                    seen.append((name, output, output._version))
+                    first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+                    seen.append((name, output, output._version, module, first,
+                                 None if first is None else first._version))
             return hook
 
         for name, module in self._modules.items():
             if name:
                 handles.append(module.register_forward_hook(record(name)))
         try:
-            with torch.no_grad(), self._explained((1, *sample_shape)):
+            with torch.no_grad(), self._unfused_attention(), self._explained((1, *sample_shape)):
                 out = self.model(torch.zeros((1, *sample_shape), device=self.device))
         finally:
             for h in handles:
                 h.remove()
         return seen, out
 
+    @contextmanager
+    def _unfused_attention(self, layers=None):
+        """timm's attention modules (those with a `fused_attn` switch) compute their probabilities
+        inside F.scaled_dot_product_attention, where no hook sees them; with the switch off they
+        pass them through their `attn_drop` module. Switched off for the call when one of `layers`
+        (None: any) lies inside such a module, and put back as it was afterwards."""
+        fused = [(name, m) for name, m in self._modules.items() if getattr(m, "fused_attn", False) is True]
+        if layers is not None:
+            fused = [(name, m) for name, m in fused if any(layer.startswith(f"{name}.") for layer in layers)]
+        for _, m in fused:
+            m.fused_attn = False
+        try:
+            yield
+        finally:
+            for _, m in fused:
+                m.fused_attn = True
+
     @property
     def sample_shape(self):
         """A torch module declares no input size."""
         return None
 
-    def candidate_layers(self, sample_shape):
-        """[(module path, shape without batch)] of 4-D module outputs with spatial size > 1, in
-        execution order: the layers Grad-CAM can use."""
+    def layer_records(self, sample_shape):
+        """Every module output of one sample (multisal.layouts.LayerRecord), in execution order: a
+        tensor under the name of the first (innermost) module that returned it; a normalisation
+        module's output is kind "norm", attention probabilities (a tensor (1, heads, T, T) >= 0
+        whose rows sum to 1) kind "softmax". Tensors whose first axis is not the batch of 1 (Swin's
+        windows) are left out."""
         seen, _ = self._trace(tuple(sample_shape))
         # A container returns its last child's tensor: keep the first (innermost) name per tensor.
         # A tensor changed in place later (ResNet's `out += identity` then ReLU(inplace=True) on a
         # BatchNorm's output) is the same object with a higher version: a different value, so the
         # BatchNorm does not take the name of the block's output.
         first_name = {}
-        for name, t, version in seen:
+        for name, t, version, *_ in seen:
             first_name.setdefault((id(t), version), name)
-        result = []
-        for name, t, version in seen:
-            if first_name[(id(t), version)] == name and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
-                result.append((name, tuple(t.shape[1:])))
-        return result
+        records = []
+        for name, t, version, module, first, first_version in seen:
+            if first_name[(id(t), version)] != name or t.dim() < 2 or t.shape[0] != 1 or not t.is_floating_point():
+                continue
+            kind = "norm" if "Norm" in type(module).__name__ else "softmax" if _is_softmax(t) else ""
+            source = None if first is None else first_name.get((id(first), first_version))
+            records.append(LayerRecord(name, tuple(t.shape[1:]), kind, source))
+        return records
+
+    def candidate_layers(self, sample_shape):
+        """[(module path, shape without batch)] of the module outputs that are feature maps (NCHW,
+        NHWC or tokens) with spatial size > 1, in execution order: the layers Grad-CAM can use."""
+        records, layouts = self._layouts(tuple(sample_shape))
+        return [(r.name, r.shape) for r in records if r.name in layouts]
 
     # ---- memory budget ------------------------------------------------------------------------
     def sample_bytes(self, sample_shape):
@@ -215,14 +250,15 @@ class TorchBackend(Backend):
             # Forward keeps roughly every activation for backward; backward holds about as much again.
             # A container's output is its last child's tensor, an in-place op's its input's: count
             # each storage once, or those tensors count two or three times over.
-            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t, _ in seen}
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t, *_ in seen}
             self._bytes_per_sample[key] = max(1, 2 * sum(storages.values()))
         return self._bytes_per_sample[key]
 
     # ---- BatchNorm folding --------------------------------------------------------------------
     def _model_for(self, layers, x):
         """The module a call runs: the model with its BatchNorms folded where that works and
-        computes the model's outputs on this call's first input, else the model itself."""
+        computes the model's outputs and input gradient on the first input it is checked on, else
+        the model itself. Each set of layers is traced once and checked once, whatever the verdict."""
         if not self.fold_batchnorm:
             return self.model
         state = self._weights_state()
@@ -234,35 +270,62 @@ class TorchBackend(Backend):
         if key not in self._folded:
             if len(self._folded) >= _FOLDED_VARIANTS:
                 self._folded.pop(next(iter(self._folded)))
-            try:
-                self._folded[key] = self._fold(key, x[:1])
-            except Exception:   # noqa: BLE001 - the model fails on this input: let the call report it
+            self._folded[key] = [self._fold(key), None]   # [the folded module or None, whether it agrees]
+        entry = self._folded[key]
+        folded, accepted = entry
+        if folded is None:
+            return self.model
+        if accepted is None:
+            accepted = self._fold_agrees(folded, x[:1])
+            if accepted is None:   # the model as written fails on this input: let the call report it
                 return self.model
-        return self._folded[key] or self.model
+            entry[1] = accepted
+        return folded if accepted else self.model
 
     def _weights_state(self):
         """Which tensors the model's parameters and buffers are, and how often each was changed in
         place (an optimizer step or load_state_dict bumps the count)."""
         return [(id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers())]
 
-    def _fold(self, keep, probe):
+    def _fold(self, keep):
         try:
             folded, count = fold_batchnorm(self.model, keep, self._folded_convs)
         except Exception:   # noqa: BLE001 - a model torch.fx cannot trace runs unfolded
             return None
         if count == 0:
             return None
-        probe = torch.from_numpy(probe).to(self.device)
         if self.channels_last:
             folded.to(memory_format=torch.channels_last)
-            probe = probe.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            expected, actual = self.model(probe), folded(probe)
-        if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)
-                and expected.shape == actual.shape):
-            return None
-        error = torch.linalg.vector_norm((actual - expected).double()) / torch.linalg.vector_norm(expected.double())
-        return folded if error <= _FOLD_TOLERANCE else None
+        return folded
+
+    def _fold_agrees(self, folded, probe):
+        """Whether the folded module's output and input gradient (of a fixed random weighting of
+        the outputs) on `probe` are the model's, up to float32 rounding; None when the model as
+        written fails on it. The check's passes are the backend's own: the modules' hooks (the
+        user's, a call's) are set aside while they run, so none sees a pass no call asked for."""
+        def output_and_gradient(module):
+            xt = torch.from_numpy(probe).to(self.device)
+            if self.channels_last:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            xt.requires_grad_(True)
+            out = module(xt)
+            if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.requires_grad):
+                raise TypeError("no differentiable tensor output")
+            seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+            (grad,) = torch.autograd.grad((out * seed).sum(), xt)
+            return out.detach(), grad
+
+        with self._no_parameter_grads(), _hooks_set_aside(self.model), torch.enable_grad():
+            try:
+                expected = output_and_gradient(self.model)
+            except Exception:   # noqa: BLE001 - the call itself says why the model fails
+                return None
+            try:
+                actual = output_and_gradient(folded)
+            except Exception:   # noqa: BLE001 - a graph torch.fx traced but that does not run
+                return False
+        return all(a.shape == e.shape and _relative_error(a, e) <= tol
+                   for a, e, tol in zip(actual, expected, (_FOLD_TOLERANCE, _FOLD_GRADIENT_TOLERANCE)))
 
     # ---- the seam -----------------------------------------------------------------------------
     @contextmanager
@@ -306,11 +369,12 @@ class TorchBackend(Backend):
             return hook
 
         want_grad = objective is not None and bool(input_grad or layers)
-        model = self._model_for(layers, x)
         for name in layers:
             handles.append(self._module(name).register_forward_hook(capture(name)))
         try:
-            with self._no_parameter_grads(), torch.set_grad_enabled(want_grad), self._explained(x.shape):
+            with self._unfused_attention(layers), self._no_parameter_grads(), torch.set_grad_enabled(want_grad), \
+                    self._explained(x.shape):
+                model = self._model_for(layers, x)
                 xt = torch.from_numpy(x).to(self.device)
                 if self.channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last)
@@ -360,10 +424,10 @@ class TorchBackend(Backend):
                 return torch.empty_like(output).copy_(torch.from_numpy(value))
             return hook
 
-        model = self._model_for(list(replace), x)
         handles = [self._module(name).register_forward_hook(substitute(name, value)) for name, value in replace.items()]
         try:
-            with torch.no_grad(), self._explained(x.shape):
+            with self._unfused_attention(list(replace)), torch.no_grad(), self._explained(x.shape):
+                model = self._model_for(list(replace), x)
                 xt = torch.from_numpy(x).to(self.device)
                 if self.channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last)
@@ -378,6 +442,15 @@ class TorchBackend(Backend):
             raise MultisalError(f"{type(self.model).__name__} returns {type(out).__name__}; "
                                 "the torch backend needs a model whose output is one tensor")
         return Result(outputs=out.cpu().numpy())
+
+
+def _is_softmax(t):
+    """Whether a tensor of one sample looks like attention probabilities: (1, heads, T, T), >= 0,
+    each row summing to 1."""
+    if t.dim() != 4 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2:
+        return False
+    rows = t.detach().double().sum(-1)
+    return bool(t.min() >= 0) and bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-4))
 
 
 class _TorchOps:
@@ -423,6 +496,60 @@ class _TorchOps:
 
     def constant(self, array):
         return torch.from_numpy(np.asarray(array)).to(self.device)
+
+    @staticmethod
+    def take(x, axis, start, stop):
+        return x.narrow(axis, start, stop - start)
+
+    @staticmethod
+    def add(a, b):
+        return a + b
+
+    @staticmethod
+    def sub(a, b):
+        return a - b
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.minimum(a, b)
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.maximum(a, b)
+
+    @staticmethod
+    def at_least(a, b):
+        return (a >= b).to(a.dtype)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x.detach()
+
+
+# The per-module hook tables of torch.nn.Module (those a module has; their names vary by version).
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextmanager
+def _hooks_set_aside(model):
+    """Every module of model without hooks for the duration of the block, then with its own again."""
+    saved = [(table, dict(table)) for m in model.modules() for name in _HOOK_TABLES
+             if isinstance(table := getattr(m, name, None), dict)]
+    for table, _ in saved:
+        table.clear()
+    try:
+        yield
+    finally:
+        for table, hooks in saved:
+            table.clear()
+            table.update(hooks)
+
+
+def _relative_error(actual, expected):
+    """Relative L2 error, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected).clamp_min(1e-300))
 
 
 def _objective(out, objective, target):

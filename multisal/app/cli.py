@@ -1,9 +1,9 @@
-"""The `multisal` command: explain, batch, evaluate, demo, methods, layers, export-grad.
+"""The `multisal` command: explain, batch, evaluate, demo, methods, layers, check, export-grad.
 
 Exit status: 0 on success; 2 for bad usage, a configuration, model or output folder that cannot
 run, with one line on stderr, before anything is written; 1 when some inputs failed (each listed
 on stderr with its reason; the others still have output), or when the run itself broke off (a
-full disk); 130 on Ctrl-C. No traceback reaches the user unless MULTISAL_DEBUG=1 is set.
+full disk); 3 from `check` when only the forward-only methods can explain the model; 130 on Ctrl-C. No traceback reaches the user unless MULTISAL_DEBUG=1 is set.
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import os
 import sys
 
 from ..backends.onnx.backend import export_gradient_graph
+from ..backends.onnx.check import check_model
 from ..errors import MultisalError
 from ..evaluation import METRICS, check_metrics
 from ..methods import METHODS
 from ..objectives import OBJECTIVES
 from ..registry import backends
-from .config import read_toml
+from .config import parse_inline_table, read_toml
 from .demo import run_demo
 from .evaluate_run import evaluate_run
 from .loading import load_backend
@@ -32,6 +33,8 @@ EXPLAIN_EXAMPLES = """examples:
   multisal explain img.png --model mypkg.nets:build --preset torchvision-imagenet --layer layer4
   multisal explain skimage:chelsea --progression --method smoothgrad
   multisal explain skimage:chelsea --method gradcam,rise --evaluate --metrics deletion,insertion
+  multisal explain street.jpg --backend onnx --model yolov8n.onnx --preset raw --size 640 640 \
+      --target '{detection = {class = 0, box = [120, 40, 260, 300]}}'
 
 Options given here override the config file key by key (see README, "Configuration")."""
 
@@ -62,7 +65,8 @@ def _demo(args):
 
 
 def _layers(args):
-    """List a model's candidate CAM layers: float 4-D activations with spatial size > 1."""
+    """List a model's candidate CAM layers (feature maps with spatial size > 1: NCHW, NHWC or tokens
+    on a grid), each with its layout and grid, then the attention probabilities attention rollout reads."""
     backend = args.backend or next((name for name, cls in backends().items()
                                     if any(str(args.model).lower().endswith(s) for s in cls.model_files)), "torch")
     cls = backends().get(backend)
@@ -75,9 +79,14 @@ def _layers(args):
     if any(d is None for d in shape):
         raise MultisalError(f"{args.model} leaves its input size free: give --shape C H W")
     candidates = be.candidate_layers(shape)
+    layouts = be.layer_layouts(shape)
     default = be.default_layer(shape) if candidates else None
     for name, dims in candidates:
-        print(f"{name:48s} {'x'.join(map(str, dims)):>14s}{'   (default)' if name == default else ''}")
+        layout = layouts[name].describe() if name in layouts else "nchw"
+        print(f"{name:48s} {'x'.join(map(str, dims)):>14s}  {layout:16s}{'   (default)' if name == default else ''}")
+    shapes = {record.name: record.shape for record in be.layer_records(shape)}
+    for name in be.attention_layers(shape):
+        print(f"{name:48s} {'x'.join(map(str, shapes[name])):>14s}  attention")
     return 0
 
 
@@ -86,6 +95,21 @@ def _export_grad(args):
                                     input_grad=not args.no_input_grad, input_shape=args.shape)
     print(f"wrote {path}")
     return 0
+
+
+CHECK_EXAMPLES = """examples:
+  multisal check model.onnx
+  multisal check ocr.onnx --shape 1 64 256     # an input of free size: probe it at one
+
+Exit status 0 when every op on the input gradient's path has a gradient rule (every method works),
+3 when only the forward-only methods (occlusion, rise, scorecam, ablationcam, eigencam) can explain
+the model through the ops listed without a rule."""
+
+
+def _check(args):
+    report = check_model(args.model, input_shape=args.shape)
+    print("\n".join(printable(line) for line in report.lines()))
+    return report.exit_status
 
 
 def _dimension(text):
@@ -107,9 +131,12 @@ def _split_methods(values):
 
 
 def _target(text):
-    """--target: "auto", a class index or a class name."""
+    """--target: "auto", a class index, a class name, or a TOML inline table (a detection target,
+    spelt as in a configuration)."""
     if text is None:
         return None
+    if text.strip().startswith("{"):
+        return parse_inline_table(text, "--target")
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
@@ -193,8 +220,9 @@ def _run_options(p):
     p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory (a state dict / .npz)")
     p.add_argument("--preset", help="preprocessing preset (default: the model's own)")
     p.add_argument("--method", action="append", metavar="NAME[,NAME]", help="method(s) to run (repeatable; default: all)")
-    p.add_argument("--target", help='"auto" (the top class), "argmax_per_sample", a class index or a class name')
-    p.add_argument("--layer", help="the CAM methods' layer (default: the last 4-D activation)")
+    p.add_argument("--target", help='"auto" (the top class), "argmax_per_sample", a class index, a class name, or a '
+                   "detection: '{detection = {class = 0, box = [x1, y1, x2, y2], iou = 0.5}}'")
+    p.add_argument("--layer", help="the CAM methods' layer (default: `multisal layers` marks it)")
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: ImageNet's for 1000 classes)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
@@ -245,13 +273,20 @@ def _parser():
     p = sub.add_parser("methods", help="list the saliency methods", epilog="example: multisal methods")
     p.set_defaults(func=_methods)
 
-    p = sub.add_parser("layers", help="list a model's candidate layers for Grad-CAM (4-D activations)",
+    p = sub.add_parser("layers", help="list a model's candidate CAM layers with their layout (nchw, nhwc, tokens) and "
+                       "grid, then its attention layers",
                        epilog="example: multisal layers model.onnx   |   multisal layers efficientnet-lite0")
     p.add_argument("model", help="an .onnx or .pt file, a models/ name (efficientnet-lite0) or package.module:factory")
     p.add_argument("--backend", help=f"{' | '.join(backends())} (default: onnx for .onnx files, else torch)")
     p.add_argument("--weights", metavar="FILE", help="weights for a models/ name or a factory")
     p.add_argument("--shape", type=_dimension, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
     p.set_defaults(func=_layers)
+
+    p = sub.add_parser("check", help="what multisal can do with an ONNX model: types, shapes, ops with and without "
+                                     "gradient rules, the methods that work", epilog=CHECK_EXAMPLES, formatter_class=raw)
+    p.add_argument("model", help="the .onnx model")
+    p.add_argument("--shape", type=_dimension, nargs=3, metavar=("C", "H", "W"), help="input size when the model leaves it free")
+    p.set_defaults(func=_check)
 
     p = sub.add_parser("export-grad", help="write the gradient graph of an ONNX model as a plain .onnx",
                        epilog="example: multisal export-grad model.onnx model.grad.onnx --layer features.29 --objective logit")

@@ -27,13 +27,15 @@ from .. import models
 from ..backend import MAX_SAMPLES_PER_CALL, ByteSize
 from ..errors import MultisalError
 from ..files import read_text
+from ..layouts import LAYOUTS
 from ..methods import DEFAULT_METHODS, METHODS
+from ..methods.attention import HEAD_FUSIONS
 from ..methods.integrated_gradients import MAX_STEPS
 from ..methods.integrated_gradients import METHODS as PATHS
 from ..methods.rise import MAX_MASKS
 from ..modelspec import model_kind
 from ..noise import MAX_SAMPLES
-from ..objectives import ARGMAX_PER_SAMPLE, OBJECTIVES
+from ..objectives import ARGMAX_PER_SAMPLE, DETECTION_FORMATS, OBJECTIVES
 from ..presets import PRESETS, get_preset
 from ..registry import backend_class, backends
 
@@ -118,8 +120,49 @@ WINDOW = Rule("[channels, height, width], integers 1..8192",
 # A byte count, or a string such as "2GiB" (the backends parse it).
 MEMORY = Rule('a number of bytes >= 1 or a size such as "2GiB"',
               lambda v: (_is_int(v) and v >= 1) or (isinstance(v, str) and re.fullmatch(r"\s*[\d.]+\s*[KMG]?i?B\s*", v, re.I)))
-TARGET = Rule(f'"auto", "{ARGMAX_PER_SAMPLE}", a class index >= 0 or a class name',
-              lambda v: (_is_int(v) and v >= 0) or (isinstance(v, str) and v.strip() != ""))
+TARGET_ALLOWED = (f'"auto", "{ARGMAX_PER_SAMPLE}", a class index >= 0, a class name or '
+                  '{detection = {class = C, box = [x1, y1, x2, y2], iou = 0.5}}')
+# A detection target's keys: what each allows, its test, and its default (None: none written).
+DETECTION_REQUIRED = ("class", "box")
+DETECTION_KEYS = {
+    "class": ("a class index >= 0", lambda v: _is_int(v) and v >= 0, None),
+    "box": ("[x1, y1, x2, y2] in input pixels, x1 < x2 and y1 < y2",
+            lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(c) for c in v)
+            and v[0] < v[2] and v[1] < v[3], None),
+    "iou": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1, 0.5),
+    "format": ("one of " + ", ".join(f'"{f}"' for f in DETECTION_FORMATS), lambda v: v in DETECTION_FORMATS, "yolov8"),
+    "axis": ("1 or 2 (the axis of an anchor's values)", lambda v: _is_int(v) and v in (1, 2), None),
+}
+
+
+def _target(key, value):
+    """The top-level `target`: as TARGET_ALLOWED says; a detection table gets its defaults."""
+    if isinstance(value, Mapping):
+        if set(value) != {"detection"} or not isinstance(value["detection"], Mapping):
+            _fail(key, value, TARGET_ALLOWED)
+        table = dict(value["detection"])
+        for name in table:
+            if name not in DETECTION_KEYS:
+                raise ConfigError(f"config key '{key}.detection.{name}': unknown key (value {_show(table[name])}); "
+                                  f"a detection target takes {', '.join(DETECTION_KEYS)}")
+        out = {}
+        for name, (allowed, test, default) in DETECTION_KEYS.items():
+            if name in table:
+                if not test(table[name]):
+                    _fail(f"{key}.detection.{name}", table[name], allowed)
+                out[name] = [float(c) for c in table[name]] if name == "box" else table[name]
+            elif name in DETECTION_REQUIRED:
+                raise ConfigError(f"config key '{key}.detection.{name}': missing; expected {allowed}")
+            elif default is not None:
+                out[name] = default
+        return {"detection": out}
+    if (_is_int(value) and value >= 0) or (isinstance(value, str) and value.strip() != ""):
+        return value
+    _fail(key, value, TARGET_ALLOWED)
+
+
+TOKEN_GRID = Rule("[rows, columns], integers 1..8192",
+                  lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(d) and 1 <= d <= 8192 for d in v))
 
 
 def _methods_rule():
@@ -141,6 +184,7 @@ def _keyword_rules():
         "channel_reduce": choice("max", "mean", "none"),   # "none" is Python's None (TOML has no null)
         "abs": BOOLEAN, "square": BOOLEAN, "upsample": BOOLEAN, "normalize": BOOLEAN, "region": BOOLEAN,
         "layer": TEXT,
+        "layout": choice(*LAYOUTS), "prefix_tokens": integer(0, (8192, "tokens")), "token_grid": TOKEN_GRID,
         "method": choice(*PATHS),
         "filters": Rule("a non-empty list of feature-map indices (integers >= 0)",
                         lambda v: isinstance(v, list) and v and all(_is_int(i) and i >= 0 for i in v)),
@@ -148,6 +192,11 @@ def _keyword_rules():
                         lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2
                                                               and all(_is_int(i) and i >= 0 for i in p) for p in v)),
         "center": BOOLEAN, "channel_softmax": BOOLEAN,
+        # The attention methods' attention layers and how each layer's heads are fused.
+        "layers": Rule("a non-empty list of layer names", lambda v: isinstance(v, list) and v
+                       and all(isinstance(s, str) and s.strip() for s in v)),
+        "head_fusion": choice(*HEAD_FUSIONS),
+        "discard_ratio": Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, float),
         # Occlusion's window and its step, (channels, height, width). How many windows an image gets
         # depends on its size too, which is known only when it runs: the method bounds that count.
         "window": WINDOW, "stride": WINDOW,
@@ -272,13 +321,26 @@ def _top_rules():
         "inputs": text_list("a list of image files, globs, folders, .txt lists or skimage:NAME"),
         "output": TEXT,
         "methods": _methods_rule(),
-        "target": TARGET,
+        "target": _target,
         "layer": TEXT,
+        # How the CAM layer's activation reads as feature maps (multisal.layouts), for every CAM method.
+        "layout": choice(*LAYOUTS), "prefix_tokens": integer(0, (8192, "tokens")), "token_grid": TOKEN_GRID,
         "progression": BOOLEAN,
     }
 
 
 # ---- reading, merging, validating ---------------------------------------------------------------
+def parse_inline_table(text, what) -> dict:
+    """A TOML inline table given as text (the command line's --target), or ConfigError naming `what`."""
+    if tomllib is None:
+        raise ConfigError(f"{what}: reading a TOML inline table on Python < 3.11 needs tomli: pip install tomli")
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what}: expected a TOML inline table such as "
+                          f"'{{detection = {{class = 0, box = [10, 20, 60, 80]}}}}', got {text!r} ({err})") from None
+
+
 def read_toml(path) -> dict:
     if tomllib is None:
         raise ConfigError("reading a TOML configuration on Python < 3.11 needs tomli: pip install tomli")
@@ -292,10 +354,15 @@ def read_toml(path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
 
 
+# The keys that say which layer the CAM methods read and how its activation reads as feature maps.
+LAYER_KEYS = ("layer", "layout", "prefix_tokens", "token_grid")
+
+
 def apply_overrides(raw: dict, overrides: Mapping) -> dict:
     """raw with the command line's options (None = not given) in place of the file's values.
 
-    --layer names the layer of every CAM method, so it also replaces a layer a method table sets.
+    --layer names the layer of every CAM method, so it also replaces a layer a method table sets,
+    and the layout keys (layout, prefix_tokens, token_grid) that described that table's layer.
     """
     merged = copy.deepcopy(dict(raw))
     for key, value in overrides.items():
@@ -305,7 +372,8 @@ def apply_overrides(raw: dict, overrides: Mapping) -> dict:
         if key == "layer":
             for table in merged.values():
                 if isinstance(table, dict):
-                    table.pop("layer", None)
+                    for owned in LAYER_KEYS:
+                        table.pop(owned, None)
     return merged
 
 
@@ -398,6 +466,8 @@ def method_options(cfg, name) -> dict:
         options["channel_reduce"] = None
     if "neurons" in options:
         options["neurons"] = [tuple(p) for p in options["neurons"]]
+    if "token_grid" in options:
+        options["token_grid"] = tuple(options["token_grid"])
     return options
 
 
@@ -407,7 +477,7 @@ def dump_toml(cfg: Mapping, header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
     tables = []
     for key, value in cfg.items():
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and key != "target":   # the target's table stays inline
             tables.append((key, value))
         else:
             lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
@@ -433,4 +503,6 @@ def _toml_value(value):
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):   # an inline table: the detection target
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")

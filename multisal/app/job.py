@@ -32,8 +32,8 @@ from ..methods import FORWARD_ONLY, METHODS
 from ..methods.smoothgrad import smoothgrad
 from ..methods.vanilla import gradient_map
 from ..noise import average_over_noise
-from ..objectives import ARGMAX_PER_SAMPLE
-from .config import ConfigError, method_options
+from ..objectives import ARGMAX_PER_SAMPLE, Detections, NumpyOps, detection_terms, detections
+from .config import LAYER_KEYS, ConfigError, method_options
 from .inputs import read_image
 from .loading import build_backend
 from .render import grey, grid, overlay, save_npy, save_png
@@ -61,23 +61,30 @@ class Job:
         self.preset = self.backend.preset
         self.methods = {name: method_options(config, name) for name in config["methods"]}
         shape = (3, *config["size"])
+        detection = detection_target(config["target"], shape)
         layers = self._set_layers(shape)
-        n_classes = self._check_model(shape, layers)
+        n_classes = self._check_model(shape, layers, detection)
         self.labels = class_names(config.get("labels"), n_classes)
-        self.target = resolve_target(config["target"], self.labels)
+        self.target = detection or resolve_target(config["target"], self.labels)
 
     def _set_layers(self, shape):
         """Give every CAM method its layer (its table's, else the top-level one, else the backend's
-        default) and return {layer: the config key it came from}, checking the model has each."""
+        default) and its layout keys (its table's, else the top-level ones), and return {method:
+        the config key its layer came from}, checking the model has each layer."""
         cam = [m for m in self.methods if "layer" in inspect.signature(METHODS[m]).parameters]
         if cam:
             layer = self.config.get("layer") or self.backend.default_layer(shape)
             for name in cam:
                 self.methods[name].setdefault("layer", layer)
-        keys = {o["layer"]: (f"{m}.layer" if "layer" in self.config.get(m, {}) else "layer")
+                if "layer" not in self.config.get(name, {}):   # a table's own layer keeps its own layout
+                    for key in LAYER_KEYS[1:]:
+                        if key in self.config:
+                            self.methods[name].setdefault(key, self.config[key])
+        keys = {m: (f"{m}.layer" if "layer" in self.config.get(m, {}) else "layer")
                 for m, o in self.methods.items() if "layer" in o}
         known = self.backend.layer_names()
-        for layer, key in keys.items():
+        for method, key in keys.items():
+            layer = self.methods[method]["layer"]
             if layer not in known:
                 close = closest_names(layer, known)
                 hint = f"closest: {', '.join(close)}; " if close else ""
@@ -85,26 +92,44 @@ class Job:
                                   f"lists them), got {json.dumps(layer)}")
         return keys
 
-    def _check_model(self, shape, layers) -> int:
+    def _check_model(self, shape, layers, detection=None) -> int:
         """Run the model on a blank input before any output is written; return its number of classes.
 
-        A forward pass: the model runs at this size, the CAM layers give 4-D activations, the output
-        is (N, classes). A backward pass, unless every method runs forward passes only: the model is
-        differentiable here (for ONNX: every op has a gradient rule), and one-off kernel set-up is
-        not billed to the first image's first method.
+        A forward pass: the model runs at this size, the CAM layers give feature maps (NCHW, NHWC or
+        tokens on a grid, as recognised or as their layout keys say), the output is (N, classes), or
+        YOLO-style for a detection target. A backward pass, unless every method runs forward passes
+        only: the model is differentiable here (for ONNX: every op has a gradient rule), and one-off
+        kernel set-up is not billed to the first image's first method.
         """
         blank = np.zeros((1, *shape), np.float32)
-        probe = self.backend.run(blank, layers=sorted(layers))
-        for layer, key in layers.items():
-            if probe.activations[layer].ndim != 4:
+        probe = self.backend.run(blank, layers=sorted({self.methods[m]["layer"] for m in layers}))
+        for method, key in layers.items():
+            options = self.methods[method]
+            layer = options["layer"]
+            overrides = [options.get(k) for k in LAYER_KEYS[1:]]
+            activation = probe.activations[layer].shape
+            try:
+                self.backend.layer_layout(layer, activation, shape, *overrides)
+            except MultisalError as err:
+                given = [k for k, v in zip(LAYER_KEYS[1:], overrides) if v is not None]
+                if given:   # the key that said how to read the layer is the one at fault
+                    table = self.config.get(method, {})
+                    owner = f"{method}.{given[0]}" if given[0] in table else given[0]
+                    raise ConfigError(f"config key {owner!r}: {err}") from None
                 raise ConfigError(f"config key {key!r}: expected a layer with a 4-D (N,C,H,W) activation, got "
-                                  f"{json.dumps(layer)} of shape {probe.activations[layer].shape}")
-        if probe.outputs.ndim != 2:
-            raise MultisalError(f"explain needs a classifier (output (N, classes)); {self.config['model']!r} "
-                                f"gives shape {probe.outputs.shape}")
+                                  f"{json.dumps(layer)} of shape {activation}; (N,H,W,C) and tokens (N,T,C) on a "
+                                  "grid of the input work too, and the key 'layout' says which") from None
+        if detection is not None:
+            axis, objectness = detection.decoding(probe.outputs.shape)
+            n_classes = probe.outputs.shape[axis] - (5 if objectness else 4)
+        elif probe.outputs.ndim != 2:
+            raise MultisalError(f"explain needs a classifier (output (N, classes)) or a detection target; "
+                                f"{self.config['model']!r} gives shape {probe.outputs.shape}")
+        else:
+            n_classes = probe.outputs.shape[1]
         if self.config["progression"] or any(name not in FORWARD_ONLY for name in self.methods):
-            self.backend.run(blank, "logit", np.zeros(1, np.int64), input_grad=True)
-        return probe.outputs.shape[1]
+            self.backend.run(blank, "logit", np.zeros(1, np.int64) if detection is None else detection, input_grad=True)
+        return n_classes
 
     def explain_one(self, source, folder) -> dict:
         """Explain one image into `folder`; its manifest record (status "failed" with the reason when
@@ -146,23 +171,29 @@ class Job:
         """Run every method once on the stacked images of `ready` ([(record, folder, photo, x)])
         and write each image's files; a method's seconds are shared out evenly between images."""
         x = np.concatenate([item[3] for item in ready])
-        probs = [probabilities(scores) for scores in self.backend.predict(x)]
+        outputs = self.backend.predict(x)
         views, columns, targets = [], [], []
-        for (record, folder, photo, _), p in zip(ready, probs):
-            top = [int(i) for i in np.argsort(-p, kind="stable")[:5]]
-            # The class explained (on the clean image) and what the methods are given: the same,
-            # except that "argmax_per_sample" lets noisy samples pick their own top class.
-            target = self.target if isinstance(self.target, int) else top[0]
+        for i, (record, folder, photo, _) in enumerate(ready):
+            if isinstance(self.target, Detections):
+                target = self.target.channel
+                record.update(target=target, label=self.labels[target], **detection_record(outputs[i:i + 1], self.target),
+                              methods={})
+            else:
+                p = probabilities(outputs[i])
+                top = [int(c) for c in np.argsort(-p, kind="stable")[:5]]
+                # The class explained (on the clean image) and what the methods are given: the same,
+                # except that "argmax_per_sample" lets noisy samples pick their own top class.
+                target = self.target if isinstance(self.target, int) else top[0]
+                record.update(target=target, label=self.labels[target], probability=float(p[target]),
+                              top5=[{"class": c, "label": self.labels[c], "probability": float(p[c])} for c in top],
+                              methods={})
             targets.append(target)
-            record.update(target=target, label=self.labels[target], probability=float(p[target]),
-                          top5=[{"class": i, "label": self.labels[i], "probability": float(p[i])} for i in top],
-                          methods={})
             view = _fit(photo, VIEW_SIZE)
             save_png(folder / "input.png", view, self.temp_tag)
             record["photo"] = "input.png"
             views.append(view)
             columns.append([(f"{target} {self.labels[target]}", view)])
-        given = ARGMAX_PER_SAMPLE if self.target == ARGMAX_PER_SAMPLE else np.array(targets, np.int64)
+        given = self.target if isinstance(self.target, (str, Detections)) else np.array(targets, np.int64)
         for name, options in self.methods.items():
             method = METHODS[name]
             accepts = inspect.signature(method).parameters
@@ -171,7 +202,7 @@ class Job:
             options = dict(options, **{k: v for k, v in extra.items() if k in accepts})
             start = time.perf_counter()
             try:
-                maps = method(self.backend, x, given, **options)
+                maps = method(self.backend, x, target=given, **options)
             except Exception as err:
                 raise MultisalError(f"{name}: {_one_line(err)}") from None
             seconds = round((time.perf_counter() - start) / len(ready), 4)
@@ -182,15 +213,17 @@ class Job:
                 if "samples" in stats:   # what SmoothGrad used: n, or where n = "auto" settled
                     entry["samples"] = int(stats["samples"][i])
                 save_npy(folder / f"{name}.npy", maps[i], self.temp_tag)
-                picture = overlay(views[i], maps[i])
+                picture, view = overlay(views[i], maps[i], name)
+                entry["view"] = view.record()
                 save_png(folder / f"{name}.png", picture, self.temp_tag)
                 record["methods"][name] = entry
-                columns[i].append((name, picture))
+                columns[i].append((name, picture, view))
         for i, (record, folder, *_) in enumerate(ready):
             save_png(folder / "grid.png", grid(columns[i]), self.temp_tag)
             record["grid"] = "grid.png"
             if self.config["progression"]:
-                self._progression(record, folder, x[i:i + 1], given if isinstance(given, str) else targets[i], views[i])
+                self._progression(record, folder, x[i:i + 1], targets[i] if isinstance(given, np.ndarray) else given,
+                                  views[i])
         for record, *_ in ready:
             record["status"] = "ok"
 
@@ -211,14 +244,14 @@ def smoothgrad_progression(be, x, target, options=None, checkpoints=PROGRESSION,
     max(checkpoints) samples: the running mean of the per-sample maps over the noise stream
     ms.smoothgrad draws (samples numbered in order), so the map after k samples is
     ms.smoothgrad(n=k) with the same options. `options` are smoothgrad's keywords (n, tol and
-    max_n are ignored); target is a class index or "argmax_per_sample"."""
+    max_n are ignored); target is a class index, "argmax_per_sample" or Detections."""
     defaults = {k: p.default for k, p in inspect.signature(smoothgrad).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     o = {**defaults, **(options or {})}
-    given = ARGMAX_PER_SAMPLE if target == ARGMAX_PER_SAMPLE else int(target)
+    given = target if target == ARGMAX_PER_SAMPLE or isinstance(target, Detections) else int(target)
 
     def per_sample(noisy, _images):
-        sample_target = given if given == ARGMAX_PER_SAMPLE else np.full(len(noisy), given, np.int64)
+        sample_target = given if isinstance(given, (str, Detections)) else np.full(len(noisy), given, np.int64)
         return gradient_map(be, noisy, sample_target, o["objective"], o["channel_reduce"], o["abs"], o["square"])
 
     maps = average_over_noise(per_sample, be, x[:1], noise_level=o["noise_level"], sigma=o["sigma"], noise=o["noise"],
@@ -242,6 +275,34 @@ def class_names(labels_file, n_classes):
     if n_classes == 1000:
         return models.imagenet_labels()
     return [f"class {i}" for i in range(n_classes)]
+
+
+def detection_target(target, shape):
+    """Detections for a configuration's `target = {detection = {...}}` (its box checked against
+    the input of `shape`, (C, H, W)), else None."""
+    if not isinstance(target, dict):
+        return None
+    t = target["detection"]
+    detection = detections(t["class"], box=t["box"], iou=t.get("iou", 0.5), format=t.get("format", "yolov8"),
+                           axis=t.get("axis"))
+    try:
+        detection.check_input((1, *shape))
+    except MultisalError as err:
+        raise ConfigError(f"config key 'target.detection.box': {err}") from None
+    return detection
+
+
+def detection_record(output, target):
+    """A manifest record's fields for a detection target on one image's output: the class's
+    highest score among the anchors in the box (its "probability"), no top 5, and the detection:
+    box, iou, how many anchors the box holds, and their summed score (what the methods explain)."""
+    output = np.asarray(output, np.float64)
+    scores, weights = detection_terms(NumpyOps, output, "logit", target.decoding(output.shape), target.box_array(),
+                                      target.iou_array(), target.class_weights(output.shape))
+    held = np.broadcast_to(scores, weights.shape)[weights > 0]
+    return {"probability": float(held.max(initial=0.0)), "top5": [],
+            "detection": {"box": list(target.box), "iou": target.iou, "format": target.format,
+                          "anchors": int(held.size), "score": float(held.sum())}}
 
 
 def resolve_target(target, labels):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..errors import MultisalError
 from ..files import DEFAULT_TAG, write_atomic
+from ..pictures import KINDS
 from ..progress import progress_bar
 from .config import DEFAULT_BATCH, ConfigError, dump_toml, load_config, read_toml, validate
 from .inputs import expand_inputs, folder_names
@@ -42,7 +43,7 @@ from .job import Job
 from .malloc import tune_malloc
 from .output import CONFIG_HEADER, SAFE_FOLDER, OutputFolder
 from .ray_engine import connect_ray, run_on_ray
-from .report import write_report
+from .report import notebook_html, write_report
 
 # Keys a resumed run may change: the inputs (a job may grow) and how the work is spread.
 RESUMABLE_CHANGES = ("inputs", "engine")
@@ -64,6 +65,10 @@ class ExplainRun:
     @property
     def report(self) -> Path:
         return self.output / "index.html"
+
+    def _repr_html_(self):
+        """In a notebook a run shows itself: each input's grid, its top classes and the times."""
+        return notebook_html(self.output, self.records)
 
 
 class Manifest:
@@ -144,9 +149,14 @@ def valid_record(r) -> bool:
         return False
     if r["status"] == "failed":
         return isinstance(r.get("error"), (str, type(None)))
+    def view(v):   # how the map was drawn (multisal.pictures.View.record), for the report's colour bar
+        return v is None or (isinstance(v, dict) and v.get("kind") in KINDS and isinstance(v.get("cmap"), str)
+                             and number(v.get("low")) and number(v.get("high")))
+
     methods_ok = all(isinstance(m, dict) and number(m.get("seconds")) and files(m.get("files"))
                      and len(m["files"]) == 2 and isinstance(m.get("layer", ""), str)
-                     and isinstance(m.get("samples", 0), int) for m in r["methods"].values())
+                     and isinstance(m.get("samples", 0), int) and view(m.get("view"))
+                     for m in r["methods"].values())
     progression = r.get("progression")
     return (methods_ok and isinstance(r.get("target"), int) and isinstance(r.get("label"), str)
             and number(r.get("probability")) and isinstance(r.get("top5"), list)

@@ -10,7 +10,8 @@ from .perturb import all_perturbed_scores, clean_pass_target
 
 
 def ablationcam(be, x, target=None, layer=None, batch_size=None, upsample=True, normalize=True,
-                objective="logit", progress=False):
+                objective="logit", progress=False, layout=None, prefix_tokens=None,
+                token_grid=None):
     r"""Ablation-CAM (Desai et al. 2020): feature maps weighted by the relative drop of the score without each of them.
 
     Desai and Ramaswamy 2020, "Ablation-CAM: Visual Explanations for Deep Convolutional Network
@@ -32,7 +33,7 @@ def ablationcam(be, x, target=None, layer=None, batch_size=None, upsample=True, 
         target: None (default) for each image's top class on the clean input; an int or one int
             per image; ``"argmax_per_sample"`` (every ablated pass picks its own top class); or
             ``ms.region(...)``.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
         batch_size: ablated passes per backend call (default None: as many as the backend's
             memory budget holds for this input shape).
@@ -41,6 +42,12 @@ def ablationcam(be, x, target=None, layer=None, batch_size=None, upsample=True, 
         objective: the scalar S compared (``"logit"`` by default, the paper's class score; see
             multisal.objectives).
         progress: show a progress bar (default False).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
@@ -54,7 +61,7 @@ def ablationcam(be, x, target=None, layer=None, batch_size=None, upsample=True, 
     check_objective(objective)
     be.check_replaces_layers()       # before any pass, not after the clean one
     x = check_input(x)
-    layer, A, clean = activation_pass(be, x, layer)
+    layer, A, clean, form, native = activation_pass(be, x, layer, layout, prefix_tokens, token_grid)
     target = clean_pass_target(target, clean)
     score = objective_from_scores(clean, objective, target)
     if (score == 0).any():
@@ -66,7 +73,7 @@ def ablationcam(be, x, target=None, layer=None, batch_size=None, upsample=True, 
         images, maps = np.divmod(np.arange(start, stop), n_maps)
         ablated = A[images]
         ablated[np.arange(len(images)), maps] = 0
-        return images, x[images], {layer: ablated}
+        return images, x[images], {layer: form.from_maps(ablated, native[images])}
 
     ablated = all_perturbed_scores(be, n_images * n_maps, make, objective, target, samples_per_call(be, batch_size, x.shape[1:]),
                                    progress, "ablationcam").reshape(n_images, n_maps)

@@ -3,6 +3,11 @@ to [0, 1] per image. The methods differ only in where the weights w come from, e
 this base: from the layer's gradient (gradcam.py, gradcam_pp.py, smooth_gradcam_pp.py, xgradcam.py;
 elementwise, one weight per activation, in layercam.py and hirescam.py), from the activations alone
 (eigencam.py) or from forward passes of perturbed inputs (scorecam.py, ablationcam.py).
+
+A layer's activation reaches them as feature maps A (N, K, h, w) whatever its layout: NCHW as it
+is, NHWC transposed, tokens (N, T, C) with the prefix tokens dropped and the rest laid on their
+grid (multisal.layouts; the `layout`, `prefix_tokens` and `token_grid` keywords override what is
+recognised).
 """
 import numpy as np
 
@@ -17,31 +22,32 @@ def cam_layer(be, x, layer):
     return be.default_layer(x.shape[1:]) if layer is None else layer
 
 
-def check_4d(name, a):
-    if a.ndim != 4:
-        raise MultisalError(f"layer {name!r} gives an activation of shape {a.shape}; a CAM needs a 4-D (N,C,H,W) one")
+def layer_form(be, x, layer, activation, layout=None, prefix_tokens=None, token_grid=None):
+    """The multisal.layouts.Layout of the CAM layer's activation (recognised, or as the overrides
+    say): one line naming the layer where it is no grid of feature maps."""
+    return be.layer_layout(layer, activation.shape, x.shape[1:], layout, prefix_tokens, token_grid)
 
 
-def layer_pass(be, x, target, layer, objective):
-    """One pass on the clean input: (A, dObjective/dA) of the CAM's layer for a method's target."""
+def layer_pass(be, x, target, layer, objective, layout=None, prefix_tokens=None, token_grid=None):
+    """One pass on the clean input: (A, dObjective/dA) of the CAM's layer for a method's target, as
+    feature maps (N, K, h, w)."""
     check_objective(objective)
     x = check_input(x)
     layer = cam_layer(be, x, layer)
     res = be.run(x, objective, same_pass_target(target, len(x)), layers=[layer])
-    A = res.activations[layer]
-    check_4d(layer, A)
-    return A, res.gradients[layer]
+    form = layer_form(be, x, layer, res.activations[layer], layout, prefix_tokens, token_grid)
+    return form.to_maps(res.activations[layer]), form.to_maps(res.gradients[layer])
 
 
-def activation_pass(be, x, layer):
-    """One forward pass on the clean input, no gradient: (the CAM layer's name, its activation A, the
-    outputs)."""
+def activation_pass(be, x, layer, layout=None, prefix_tokens=None, token_grid=None):
+    """One forward pass on the clean input, no gradient: (the CAM layer's name, its activation as
+    feature maps A (N, K, h, w), the outputs, its Layout, the activation as the layer gives it)."""
     x = check_input(x)
     layer = cam_layer(be, x, layer)
     res = be.run(x, layers=[layer])
-    A = res.activations[layer]
-    check_4d(layer, A)
-    return layer, A, res.outputs
+    native = res.activations[layer]
+    form = layer_form(be, x, layer, native, layout, prefix_tokens, token_grid)
+    return layer, form.to_maps(native), res.outputs, form, native
 
 
 def finish(A, weights, x_shape, upsample, normalize, filters=None, mask=None):

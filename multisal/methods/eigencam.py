@@ -5,7 +5,8 @@ import numpy as np
 from .cam import activation_pass, finish
 
 
-def eigencam(be, x, target=None, layer=None, upsample=True, normalize=True, center=False):
+def eigencam(be, x, target=None, layer=None, upsample=True, normalize=True, center=False, layout=None, prefix_tokens=None,
+             token_grid=None):
     r"""Eigen-CAM (Muhammad et al. 2020): the layer's activations projected on their first principal direction.
 
     Muhammad and Yeasin 2020, "Eigen-CAM: Class Activation Map using Principal Components". The
@@ -30,12 +31,18 @@ def eigencam(be, x, target=None, layer=None, upsample=True, normalize=True, cent
         x: inputs (N,C,H,W) float32 in model space.
         target: not used (default None): Eigen-CAM is class-agnostic; it is accepted so that
             every method is called alike.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
         normalize: scale each map to [0, 1] by its minimum and maximum (default True).
         center: subtract each feature map's spatial mean before the factorisation (default
             False, the paper's; True is pytorch-grad-cam's EigenCAM).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
@@ -46,7 +53,7 @@ def eigencam(be, x, target=None, layer=None, upsample=True, normalize=True, cent
         >>> cam.shape, bool(np.allclose(cam, ms.eigencam(be, x, target=3)))
         ((2, 32, 32), True)
     """
-    _, A, _ = activation_pass(be, x, layer)
+    _, A, *_ = activation_pass(be, x, layer, layout, prefix_tokens, token_grid)
     n, k, h, w = A.shape
     O = A.astype(np.float64).reshape(n, k, h * w).transpose(0, 2, 1)    # (N, positions, feature maps)
     if center:

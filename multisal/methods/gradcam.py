@@ -2,7 +2,8 @@
 from .cam import finish, layer_pass
 
 
-def gradcam(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit"):
+def gradcam(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit", layout=None, prefix_tokens=None,
+            token_grid=None):
     r"""Grad-CAM (Selvaraju et al. 2017): a layer's feature maps weighted by their mean gradient.
 
     Selvaraju, Cogswell, Das, Vedantam, Parikh and Batra 2017, "Grad-CAM: Visual Explanations from
@@ -21,13 +22,19 @@ def gradcam(be, x, target=None, layer=None, upsample=True, normalize=True, objec
         x: inputs (N,C,H,W) float32 in model space.
         target: None (default) for each image's top class in this same pass, an int or one int per
             image, ``"argmax_per_sample"``, or ``ms.region(...)``.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output
             (``multisal layers MODEL`` lists the candidates).
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
         normalize: scale each map to [0, 1] by its minimum and maximum (default True; a constant
             map becomes zeros).
         objective: the scalar S differentiated (``"logit"`` by default; see multisal.objectives).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
@@ -37,5 +44,5 @@ def gradcam(be, x, target=None, layer=None, upsample=True, normalize=True, objec
         >>> ms.gradcam(be, x).shape, ms.gradcam(be, x, upsample=False).shape
         ((2, 32, 32), (2, 8, 8))
     """
-    A, g = layer_pass(be, x, target, layer, objective)
+    A, g = layer_pass(be, x, target, layer, objective, layout, prefix_tokens, token_grid)
     return finish(A, g.mean(axis=(2, 3)), x.shape, upsample, normalize)

@@ -4,7 +4,8 @@ import numpy as np
 from .cam import finish, gradcam_pp_weights, layer_pass
 
 
-def gradcam_pp(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit", eps=0.0):
+def gradcam_pp(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit", eps=0.0, layout=None, prefix_tokens=None,
+               token_grid=None):
     r"""Grad-CAM++ (Chattopadhay et al. 2018): feature maps weighted by alpha-weighted positive gradients.
 
     Chattopadhay, Sarkar, Howlader and Balasubramanian 2018, "Grad-CAM++: Generalized
@@ -27,13 +28,19 @@ def gradcam_pp(be, x, target=None, layer=None, upsample=True, normalize=True, ob
         x: inputs (N,C,H,W) float32 in model space.
         target: None (default) for each image's top class in this same pass, an int or one int per
             image, ``"argmax_per_sample"``, or ``ms.region(...)``.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
         normalize: scale each map to [0, 1] by its minimum and maximum (default True).
         objective: the scalar S differentiated (``"logit"`` by default; see multisal.objectives).
         eps: epsilon added to alpha's denominator (default 0.0, the paper's formula;
             pytorch-grad-cam uses 1e-6, which matters where gradients are small).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
@@ -44,5 +51,5 @@ def gradcam_pp(be, x, target=None, layer=None, upsample=True, normalize=True, ob
         >>> cam.shape, float(cam.min()), float(cam.max())
         ((2, 32, 32), 0.0, 1.0)
     """
-    A, g = (a.astype(np.float64) for a in layer_pass(be, x, target, layer, objective))
+    A, g = (a.astype(np.float64) for a in layer_pass(be, x, target, layer, objective, layout, prefix_tokens, token_grid))
     return finish(A, gradcam_pp_weights(A, g, g ** 2, g ** 3, eps), x.shape, upsample, normalize)

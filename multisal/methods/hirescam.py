@@ -3,7 +3,8 @@ feature maps."""
 from .cam import finish, layer_pass
 
 
-def hirescam(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit"):
+def hirescam(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit", layout=None, prefix_tokens=None,
+             token_grid=None):
     r"""HiResCAM (Draelos et al. 2020): the gradient times the activation, elementwise, summed over feature maps.
 
     Draelos and Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful explanations of
@@ -24,11 +25,17 @@ def hirescam(be, x, target=None, layer=None, upsample=True, normalize=True, obje
         x: inputs (N,C,H,W) float32 in model space.
         target: None (default) for each image's top class in this same pass, an int or one int per
             image, ``"argmax_per_sample"``, or ``ms.region(...)``.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
         normalize: scale each map to [0, 1] by its minimum and maximum (default True).
         objective: the scalar S differentiated (``"logit"`` by default; see multisal.objectives).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
@@ -42,5 +49,5 @@ def hirescam(be, x, target=None, layer=None, upsample=True, normalize=True, obje
         >>> cam.shape, bool(np.allclose(cam, ms.gradcam(be, x, target=0, upsample=False), atol=1e-6))
         ((2, 8, 8), True)
     """
-    A, g = layer_pass(be, x, target, layer, objective)
+    A, g = layer_pass(be, x, target, layer, objective, layout, prefix_tokens, token_grid)
     return finish(A, g, x.shape, upsample, normalize)

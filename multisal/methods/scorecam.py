@@ -10,7 +10,8 @@ from .perturb import all_perturbed_scores, clean_pass_target
 
 
 def scorecam(be, x, target=None, layer=None, batch_size=None, upsample=True, normalize=True, objective="softmax",
-             channel_softmax=True, progress=False):
+             channel_softmax=True, progress=False, layout=None, prefix_tokens=None,
+             token_grid=None):
     r"""Score-CAM (Wang et al. 2020): feature maps weighted by the target's score on the input each of them masks.
 
     Wang, Wang, Du, Yang, Zhang, Ding, Mardziel and Hu 2020, "Score-CAM: Score-Weighted Visual
@@ -39,7 +40,7 @@ def scorecam(be, x, target=None, layer=None, batch_size=None, upsample=True, nor
         target: None (default) for each image's top class on the clean input; an int or one int
             per image; ``"argmax_per_sample"`` (every masked copy picks its own top class); or
             ``ms.region(...)``.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
         batch_size: masked inputs per backend call (default None: as many as the backend's memory
             budget holds for this input shape).
@@ -50,6 +51,12 @@ def scorecam(be, x, target=None, layer=None, batch_size=None, upsample=True, nor
         channel_softmax: normalise the weights by a softmax over the feature maps (default True,
             the paper's Algorithm 1); False weights each map by :math:`C_k` itself.
         progress: show a progress bar (default False).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
@@ -62,7 +69,7 @@ def scorecam(be, x, target=None, layer=None, batch_size=None, upsample=True, nor
     """
     check_objective(objective)
     x = check_input(x)
-    _, A, clean = activation_pass(be, x, layer)
+    _, A, clean, *_ = activation_pass(be, x, layer, layout, prefix_tokens, token_grid)
     target = clean_pass_target(target, clean)
     n_images, n_maps = A.shape[:2]
 

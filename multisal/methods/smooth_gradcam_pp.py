@@ -8,12 +8,13 @@ from ..backend import check_input
 from ..errors import MultisalError
 from ..noise import DEFAULT_NOISE_LEVEL, average_over_noise
 from ..objectives import check_objective, expand_target, same_pass_target, target_rows
-from .cam import cam_layer, check_4d, finish, gradcam_pp_weights
+from .cam import cam_layer, finish, gradcam_pp_weights, layer_form
 
 
 def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_NOISE_LEVEL, sigma=None,
                       seed=0, filters=None, neurons=None, region=False, upsample=True, normalize=True,
-                      objective="logit", noise="normal", batch_size=None, progress=False, preset=None):
+                      objective="logit", noise="normal", batch_size=None, progress=False, preset=None, layout=None, prefix_tokens=None,
+                      token_grid=None):
     r"""Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ from gradient moments averaged over noisy inputs.
 
     Omeiza, Speakman, Cintas and Weldemariam 2019, "Smooth Grad-CAM++: An Enhanced Inference Level
@@ -41,7 +42,7 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
         target: None (default) for each image's top class on the clean input, kept for every
             noisy copy; an int or one int per image; ``"argmax_per_sample"`` (every copy picks its
             own); or ``ms.region(...)``.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
         n: noisy copies per image (default 4); 0 uses the clean input's gradients alone, which is
             plain Grad-CAM++ (``ms.gradcam_pp``).
@@ -66,6 +67,12 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
         progress: show a progress bar (default False).
         preset: the preset whose value range ``noise_level`` refers to (default None: the
             backend's ``preset``).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,len(filters),H,W) with ``filters``; at the layer's h,w
@@ -89,15 +96,15 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
         target = expand_target(target, len(x))
         if target is None:
             target = clean.outputs.argmax(axis=1).astype(np.int64)
-    A = clean.activations[layer].astype(np.float64)
-    check_4d(layer, A)
+    form = layer_form(be, x, layer, clean.activations[layer], layout, prefix_tokens, token_grid)
+    A = form.to_maps(clean.activations[layer]).astype(np.float64)
     if n == 0:
-        g = clean.gradients[layer].astype(np.float64)
+        g = form.to_maps(clean.gradients[layer]).astype(np.float64)
         d1, d2, d3 = g, g ** 2, g ** 3
     else:
         def moments(noisy, images):
             chunk_target = target_rows(target, images)
-            g = be.run(noisy, objective, chunk_target, layers=[layer]).gradients[layer].astype(np.float64)
+            g = form.to_maps(be.run(noisy, objective, chunk_target, layers=[layer]).gradients[layer]).astype(np.float64)
             return g, g ** 2, g ** 3
 
         d1, d2, d3 = average_over_noise(moments, be, x, n=n, noise_level=noise_level, sigma=sigma, noise=noise,

@@ -5,7 +5,8 @@ import numpy as np
 from .cam import finish, layer_pass
 
 
-def xgradcam(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit", eps=0.0):
+def xgradcam(be, x, target=None, layer=None, upsample=True, normalize=True, objective="logit", eps=0.0, layout=None, prefix_tokens=None,
+             token_grid=None):
     r"""XGrad-CAM (Fu et al. 2020): feature maps weighted by their gradient averaged with the activations as weights.
 
     Fu, Hu, Dong, Ma, Zheng and Qiu 2020, "Axiom-based Grad-CAM: Towards Accurate Visualization
@@ -28,13 +29,19 @@ def xgradcam(be, x, target=None, layer=None, upsample=True, normalize=True, obje
         x: inputs (N,C,H,W) float32 in model space.
         target: None (default) for each image's top class in this same pass, an int or one int per
             image, ``"argmax_per_sample"``, or ``ms.region(...)``.
-        layer: the name of a layer with a 4-D (N,K,h,w) activation; None (default) for the
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
             backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
         normalize: scale each map to [0, 1] by its minimum and maximum (default True).
         objective: the scalar S differentiated (``"logit"`` by default; see multisal.objectives).
         eps: epsilon added to the denominator (default 0.0, the paper's formula; pytorch-grad-cam
             adds 1e-7 and torch-cam 1e-8, which matters where a feature map is nearly all zeros).
+        layout: how the layer's activation reads as feature maps: None (default) as recognised
+            (``multisal layers MODEL`` shows it), ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (N,T,C).
+        prefix_tokens: for tokens, how many leading class, distillation or register tokens to drop
+            (default None: recognised).
+        token_grid: for tokens, the (rows, columns) of the remaining ones (default None: from the
+            input's aspect ratio).
 
     Returns:
         float32 (N,H,W) maps in [0, 1]; (N,h,w) with ``upsample=False``; >= 0 and unscaled with
@@ -48,7 +55,7 @@ def xgradcam(be, x, target=None, layer=None, upsample=True, normalize=True, obje
         >>> cam.shape, bool(np.allclose(cam, ms.gradcam(be, x, target=0), atol=1e-6))
         ((2, 32, 32), True)
     """
-    A, g = (a.astype(np.float64) for a in layer_pass(be, x, target, layer, objective))
+    A, g = (a.astype(np.float64) for a in layer_pass(be, x, target, layer, objective, layout, prefix_tokens, token_grid))
     denom = A.sum(axis=(2, 3)) + eps
     weights = np.where(denom != 0, (A * g).sum(axis=(2, 3)) / np.where(denom != 0, denom, 1), 0)
     return finish(A, weights, x.shape, upsample, normalize)

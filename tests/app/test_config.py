@@ -36,7 +36,8 @@ ALL_METHODS = ", ".join(ms.METHODS)
     ({"methods": []}, "config key 'methods': expected a non-empty list"),
     ({"size": [224]}, "config key 'size': expected [height, width], integers 1..8192, got [224]"),
     ({"backend": "tf"}, "config key 'backend': expected one of \"torch\", \"onnx\", \"chainer\", got \"tf\""),
-    ({"target": -1}, "config key 'target': expected \"auto\", \"argmax_per_sample\", a class index >= 0 or a class name, got -1"),
+    ({"target": -1}, "config key 'target': expected \"auto\", \"argmax_per_sample\", a class index >= 0, a class name or "
+                     "{detection = {class = C, box = [x1, y1, x2, y2], iou = 0.5}}, got -1"),
     ({"target": 1.5}, "config key 'target': expected \"auto\", \"argmax_per_sample\", a class index >= 0"),
     ({"model": "resnet50"}, "config key 'model': expected a models/ name (efficientnet-lite0, vgg16-chainer), "
                             "an .onnx, .pt or .pth file, or \"package.module:factory\", got \"resnet50\""),
@@ -82,8 +83,10 @@ def test_defaults():
     assert load_config({}) == {
         "backend": "torch", "model": "efficientnet-lite0", "preset": "efficientnet-lite", "size": [224, 224],
         "inputs": [], "output": "out/explain", "methods": list(DEFAULT_METHODS), "target": "auto", "progression": False}
-    # Every method but the perturbation ones, which run hundreds of forward passes per image.
-    assert set(ms.METHODS) - set(DEFAULT_METHODS) == {"scorecam", "ablationcam", "occlusion", "rise"}
+    # Every method but the perturbation ones, which run hundreds of forward passes per image, and the
+    # attention ones, which need a vision transformer's attention layers.
+    assert set(ms.METHODS) - set(DEFAULT_METHODS) == {"scorecam", "ablationcam", "occlusion", "rise",
+                                                      "attention_rollout", "transformer_attribution"}
 
 
 def test_command_line_overrides_the_file(tmp_path):
@@ -132,11 +135,14 @@ def test_chainer_example_without_chainer_names_what_to_install():
 
 def test_load_backend_from_a_dict_or_a_file(tmp_path):
     import numpy as np
-    be = ms.load_backend(dict(TINY, torch={"channels_last": False, "fold_batchnorm": False}))
+    config = dict(TINY, torch={"channels_last": False, "fold_batchnorm": False})
+    be = ms.load_backend(config)
     assert be.name == "torch" and be.preset.name == "raw" and be.preset.size == (32, 32)
     assert be.channels_last is False and be.fold_batchnorm is False
+    # The same configuration through a file: the same layout, so the same bits on every CPU (NCHW
+    # against channels_last may differ in the last bit where the convolution kernels differ).
     path = tmp_path / "tiny.toml"
-    path.write_text(dump_toml(load_config(TINY)))
+    path.write_text(dump_toml(load_config(config)))
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     assert np.array_equal(ms.load_backend(str(path)).predict(x), be.predict(x))
     assert ms.load_backend(path).name == "torch"                         # a Path works too

@@ -1,12 +1,14 @@
-"""index.html: what it shows (top-5, target, overlays, times, layers, the configuration), escaping of
-file names and class names, and the real page opened in headless Chromium: every image loads and
-the console stays clean. The page lists broken images itself (#page-errors, data-images-shown);
-the test checks that this check does catch a missing image."""
+"""index.html: what it shows (top-5, target, overlays, colour bars, times, layers, the
+configuration), escaping of file names and class names, and the real page opened from the file
+system in headless Chromium (tests/chromium.py): every image loads once scrolled to, the console
+stays clean, the slider fades the overlays (read back from screenshots), the box puts them beside
+their photos, and a page of 2000 inputs loads only the images near the window. The page lists
+broken images itself (#page-errors, data-images-shown); the test checks that this check does catch
+a missing image."""
+import base64
 import html
 import json
-import os
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -15,7 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
+from chromium import Chromium
 from multisal.app.cli import main
+from multisal.app.report import render
+from multisal.app.runs import ExplainRun
 
 EVIL = "a<script>alert(1)&b.png"   # a file name can hold anything but "/"
 LABELS = ["<i>zero</i> & co", "one", "two", "three", "four"]
@@ -72,8 +77,10 @@ def test_names_and_labels_are_escaped(run):
     assert "&lt;i&gt;zero&lt;/i&gt; &amp; co" in page
     assert html.escape(inputs[2]) in page                            # the failed input, escaped too
     # Every image link (percent-encoded) points at a file of the run.
-    sources = [a["src"] for t, a in tags if t == "img"]
-    assert len(sources) == 2 * (1 + len(METHODS.split(",")))
+    images = [a for t, a in tags if t == "img"]
+    assert not [a for a in images if "src" in a]                    # each loaded lazily, by the page's script
+    sources = [a["data-src"] for a in images]
+    assert len(sources) == 2 * (1 + 2 * len(METHODS.split(",")))   # the photo, then each overlay on the photo
     for src in sources:
         assert (out / unquote(src)).is_file(), src
 
@@ -96,35 +103,127 @@ def test_report_shows_classes_target_times_layers_and_config(run):
     assert html.escape(config) in page                               # the exact configuration
 
 
-def _chromium(page_path, profile):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        if os.environ.get("MULTISAL_REQUIRE_CHROMIUM"):
-            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    done = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", Path(page_path).as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return parse(done.stdout), done.stdout, done.stderr
+def _scroll_through(browser):
+    """Scroll to each image in turn and wait until it has loaded or failed (they load lazily,
+    as they come near the window); then the page's own count of shown images."""
+    return browser.evaluate("""(async () => {
+      const frame = () => new Promise(done => requestAnimationFrame(() => setTimeout(done, 0)));
+      for (const img of Array.from(document.images)) {
+        img.scrollIntoView();
+        while (!(img.getAttribute("src") && img.complete)) await frame();
+      }
+      await frame();
+      return document.body.getAttribute("data-images-shown");
+    })()""")
 
 
-def test_page_loads_in_headless_chromium(run, tmp_path):
+def _grey(png):
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(np.float64)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium = Chromium(tmp_path / "profile")
+    yield chromium
+    chromium.close()
+
+
+def test_page_loads_in_headless_chromium(run, browser, tmp_path):
     out, page, _ = run
     count = page.count("<img ")
-    dom, text, log = _chromium(out / "index.html", tmp_path / "profile")
-    body = dict(next(a for t, a in dom.tags if t == "body"))
-    assert dom.errors == ""
-    assert body.get("data-images-shown") == f"{count}/{count}", text[:500]
-    console = [line for line in log.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
-    assert console == []
+    browser.open(out / "index.html")
+    assert _scroll_through(browser) == f"{count}/{count}"
+    assert browser.evaluate('document.getElementById("page-errors").textContent') == ""
+    assert browser.problems == []
     # The check does fail: with one overlay gone, the page reports it.
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "plain" / "smoothgrad.png").unlink()
-    dom, _, _ = _chromium(copy / "index.html", tmp_path / "profile2")
-    body = dict(next(a for t, a in dom.tags if t == "body"))
-    assert dom.errors.strip() == "image did not load: plain/smoothgrad.png"
-    assert body.get("data-images-shown") == f"{count - 1}/{count}"
+    browser.open(copy / "index.html")
+    assert _scroll_through(browser) == f"{count - 1}/{count}"
+    assert browser.evaluate('document.getElementById("page-errors").textContent').strip() == \
+        "image did not load: plain/smoothgrad.png"
+
+
+def test_slider_fades_the_overlays_and_the_box_puts_them_beside_the_photo(run, browser):
+    out, _, _ = run
+    browser.open(out / "index.html")
+    _scroll_through(browser)
+    rect = "(e => { const r = e.getBoundingClientRect(); return [r.left + scrollX, r.top + scrollY, r.width, r.height]; })"
+    photo, over = (browser.evaluate(f'{rect}(document.querySelectorAll("img.{c}")[0])') for c in ("photo", "over"))
+    assert over == photo                                        # stacked: the overlay covers its photo
+    clip = dict(zip(("x", "y", "width", "height"), over))
+
+    def slide(value):
+        return browser.evaluate(f"""(() => {{ const s = document.getElementById("opacity"); s.value = {value};
+          s.dispatchEvent(new Event("input", {{bubbles: true}}));
+          return getComputedStyle(document.querySelector("img.over")).opacity; }})()""")
+
+    shots = {}
+    for value in (100, 30, 0):
+        assert float(slide(value)) == pytest.approx(value / 100)
+        shots[value] = _grey(browser.screenshot(clip))
+    def drawn(cls):   # the file an image shows, at its size on the page
+        src = browser.evaluate(f'document.querySelectorAll("img.{cls}")[0].getAttribute("src")')
+        return cv2.resize(cv2.imread(str(out / unquote(src))).astype(np.float64), shots[0].shape[1::-1])
+
+    overlay, photo_pixels = drawn("over"), drawn("photo")
+    # At 0 the page shows the photo, at 100 the overlay, at 30 the blend between them.
+    assert np.abs(shots[0] - photo_pixels).mean() < np.abs(shots[100] - photo_pixels).mean() / 4
+    assert np.abs(shots[100] - overlay).mean() < np.abs(shots[0] - overlay).mean() / 4
+    blend = 0.7 * shots[0] + 0.3 * shots[100]
+    assert np.abs(shots[30] - blend).mean() < 3
+    browser.evaluate('document.getElementById("side-by-side").click()')
+    photo, over = (browser.evaluate(f'{rect}(document.querySelectorAll("img.{c}")[0])') for c in ("photo", "over"))
+    assert over[0] >= photo[0] + photo[2] and over[1] == photo[1]   # beside it, on the same line
+    assert browser.problems == []
+
+
+def test_images_load_lazily(run, browser):
+    """A report of 1000 inputs opens with only the images near the window loaded, and loads the
+    others as the page scrolls to them."""
+    out, _, _ = run
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    ok = [r for r in records if r["status"] == "ok"]
+    many = [dict(ok[i % len(ok)], input=f"photo {i}") for i in range(1000)]
+    big = out / "big.html"
+    big.write_text(render(many, ""), encoding="utf-8")
+    browser.open(big)
+    # The count once images have started to show and none more came in half a second.
+    settled = """(async () => {
+      const now = () => document.body.getAttribute("data-images-shown");
+      const pause = ms => new Promise(done => setTimeout(done, ms));
+      while (now().startsWith("0/")) await pause(20);
+      for (let last = null; last !== now(); ) { last = now(); await pause(500); }
+      return now();
+    })()"""
+    shown, total = map(int, browser.evaluate(settled).split("/"))
+    assert total == 1000 * (1 + 2 * len(METHODS.split(",")))
+    assert 0 < shown < 200
+    browser.evaluate("window.scrollTo(0, document.body.scrollHeight / 2)")
+    later = int(browser.evaluate(settled).split("/")[0])
+    assert shown < later < shown + 200
+    assert browser.problems == []
+
+
+def test_a_run_shows_itself_in_a_notebook(run):
+    """ExplainRun._repr_html_: each input's grid embedded (a notebook cannot follow the run's
+    relative links), its target, top-5 and each method's time, no script; failures named."""
+    out, _, inputs = run
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    shown = ExplainRun(out, records)._repr_html_()
+    tags = parse(shown).tags
+    assert "script" not in [t for t, _ in tags]
+    embedded = [a["src"] for t, a in tags if t == "img"]
+    assert len(embedded) == 2
+    for src, record in zip(embedded, records):
+        assert base64.b64decode(src.split(",", 1)[1]) == (out / record["folder"] / "grid.png").read_bytes()
+    text = html.unescape(shown)
+    assert text.count("%</td>") == 2 * 5
+    for record in records[:2]:
+        for name, m in record["methods"].items():
+            assert f"<td>{name}</td><td>{m['seconds']:.2f} s</td>" in text
+    assert f"failed: image '{inputs[2]}' not found" in text and LABELS[0] in text
+    assert str(out / "index.html") in text
+    limited = ExplainRun(out, records * 10)._repr_html_()
+    assert limited.count("<img ") == 12 - 12 // 3 and "18 more inputs in the report." in limited

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import multisal as ms
+from detection_reference import overlap_mask
 from helpers import assert_agree
 from layers_protocol import LayersProtocol
 from multisal.objectives import objective_from_scores
@@ -115,7 +116,9 @@ def test_samples_are_independent(x, objective):
     for i in range(len(x)):
         one = be.run(x[i:i + 1], objective, "argmax_per_sample", input_grad=True)
         assert one.target[0] == batch.target[i]
-        assert_agree(batch.input_grad[i:i + 1], one.input_grad, tol=1e-5)
+        # 1e-4: a leak between samples moves a gradient by far more; a batch of one and a batch of
+        # several take other BLAS blockings, whose float32 rounding reached 1.3e-5 on some CPUs.
+        assert_agree(batch.input_grad[i:i + 1], one.input_grad, tol=1e-4)
 
 
 def test_argmax_target_is_decided_per_pass(x):
@@ -217,6 +220,48 @@ def test_region_objective_on_a_dense_output():
     expected = np.zeros_like(x)
     expected[:, :, 1:3, 1:4] = 1.0
     np.testing.assert_allclose(g, expected, atol=1e-6)
+
+
+def test_region_objective_on_a_channels_last_output():
+    """ms.region(..., axis=-1) on an (N, H, W, C) output: the same map as on (N, C, H, W)."""
+    conv = L.Convolution2D(3, 2, 1, nobias=True)
+    conv.W.array[...] = np.ones((2, 3, 1, 1), np.float32)
+    be = ms.load_backend("chainer", model=chainer.Sequential(conv, lambda h: F.transpose(h, (0, 2, 3, 1))))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    g = ms.vanilla_gradient(be, x, ms.region(1, box=(1, 1, 3, 4), axis=-1), channel_reduce=None, abs=False)
+    expected = np.zeros_like(x)
+    expected[:, :, 1:3, 1:4] = 1.0
+    np.testing.assert_allclose(g, expected, atol=1e-6)
+
+
+class YoloStyle(chainer.Chain):
+    """A linear map to 12 anchors of 4 + 3 values on a 4x4 input: centres in 0..4 px, sizes 0.5..2.5 px,
+    sigmoid scores."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.fc = L.Linear(3 * 4 * 4, 7 * 12)
+
+    def forward(self, x):
+        raw = F.sigmoid(F.reshape(self.fc(x), (-1, 7, 12)))
+        return F.concat([raw[:, :2] * 4, raw[:, 2:4] * 2 + 0.5, raw[:, 4:]], axis=1)
+
+
+def test_detection_objective_on_a_yolo_style_output():
+    """ms.detections on a (N, 4 + classes, anchors) output: the gradient of class 1's score summed
+    over the anchors whose box overlaps the given one (tests/detection_reference.py's mask)."""
+    net = _seeded(YoloStyle(), 3)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    values = net(x).array.astype(np.float64)
+    cx, cy, w, h = values[0, :4, 2]
+    box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    got = ms.load_backend("chainer", model=net).run(x, "logit", ms.detections(1, box=box, iou=0.3), input_grad=True)
+    xv = chainer.Variable(x)
+    mask = overlap_mask(values, box, 0.3).astype(np.float32)
+    assert mask[0, 2] == 1
+    (expected,) = chainer.grad([F.sum(net(xv)[:, 4 + 1] * mask)], [xv])
+    assert_agree(got.input_grad, expected.array, tol=1e-5)
 
 
 def test_clear_errors(x):

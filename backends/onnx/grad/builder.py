@@ -4,14 +4,17 @@
    things like ConvTranspose's output padding; the batch axis is probed at 2 where it is free).
    Zero Pads that only convolutions read are folded into their pads (fold_pads_into_convs).
 2. Forward from the differentiated tensors (the input and/or the layers) mark what depends on them,
-   through float tensors only: integer and shape paths (Shape, Gather on shapes, Range, Cast to
-   int, ...) never carry a gradient.
+   through float tensors and quantised ones (rules/quantization.py: integers that stand for real
+   values); other integer and shape paths (Shape, Gather on shapes, Range, Cast to int, ...) never
+   carry a gradient.
 3. Backward from the explained output keep the nodes on a path between the two; only those are
    differentiated, in reverse order, each by its op's rule, so Grad-CAM writes no backward below
    its layer and no parameter gradient is ever formed.
 """
 from __future__ import annotations
 
+import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -23,15 +26,25 @@ from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
 
 from .. import runtime
-from .context import FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, GradContext, gradient_scope, node_label
+# RULES: the rule registry, filled by the rule modules below, is read from here too (tests, tools).
+from .context import (FLOAT, FLOAT_TYPES, INT32, INT64, OBJECTIVE_SCOPE, RULES, RULES_OPSET, GradContext,  # noqa: F401
+                      OpsetTooOld, forward_node_name, gradient_scope, node_label, rule_for)
 from .objective import build_objective
 # Importing a rule module registers its rules; `shape` is the builder's word for a tensor's shape.
-from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, reductions, resize  # noqa: F401
+from .rules import activations, arithmetic, indexing, linalg, normalization, pooling, recurrent, reductions, resize  # noqa: F401
+from .rules import quantization
 from .rules import shape as shape_rules
 
 onnx = lazy_import("onnx")
 helper = lazy_import("onnx.helper")
+version_converter = lazy_import("onnx.version_converter")
 numpy_helper = lazy_import("onnx.numpy_helper")
+
+LOG = logging.getLogger("multisal")
+# The gradient graph's metadata key that says it was built on a model converted to a newer opset.
+OPSET_CONVERSION = "multisal_opset_conversion"
+# The opsets a model below RULES_OPSET is converted to, the first that works.
+CONVERSION_OPSETS = (11, 13, 17, 21)
 
 INPUT_GRAD_PREFIX = "multisal_grad:"
 ACTIVATION_PREFIX = "multisal_act:"
@@ -43,6 +56,10 @@ class GradientRequest:
     input_grad: bool = True
     objective: str = "logit"
     region: bool = False           # the objective's weights come from an input (dense outputs)
+    region_axis: Optional[int] = None   # a region's channel axis (multisal.objectives.Region.class_axis)
+    # (the axis of an anchor's values, whether they hold an objectness) of a detection target, whose
+    # box, IoU threshold and class are inputs; None for other targets
+    detection: Optional[Tuple[int, bool]] = None
     output: Optional[str] = None   # the explained graph output; None = the first
 
 
@@ -89,6 +106,10 @@ def constant_values(model):
 
 
 INT_TYPES = {INT64, INT32}
+# Element types onnxruntime hands over to numpy as no dtype or as their bytes: INT4, UINT4, INT2,
+# UINT2, FLOAT4E2M1 and the float8 types.
+UNFETCHED_TYPES = {22, 21, 26, 25, 23, 17, 18, 19, 20}
+PROBE_PREFIX = "multisal_probe:"
 # Ops whose output depends on their input's shape, not its values; and ops that draw at random.
 SHAPE_ONLY_OPS = {"Shape", "Size", "EyeLike"}
 RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -125,11 +146,20 @@ def probe(model, sample_shape, batch, source="the model"):
     probe_model = onnx.ModelProto()
     probe_model.CopyFrom(model)
     known = {o.name for o in probe_model.graph.output}
-    for node in probe_model.graph.node:
+    probed_as = {}   # probe output -> the tensor it shows: UNFETCHED_TYPES come through a Cast to float
+    for node in list(probe_model.graph.node):
         for name in node.output:
-            if name and name not in known and types.get(name):
+            if not name or name in known:
+                continue
+            if types.get(name) in UNFETCHED_TYPES:
+                probed_as[PROBE_PREFIX + name] = name
+                probe_model.graph.node.append(helper.make_node("Cast", [name], [PROBE_PREFIX + name], to=FLOAT))
+                probe_model.graph.output.append(onnx.ValueInfoProto(name=PROBE_PREFIX + name))
+            elif types.get(name):
                 probe_model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
-                known.add(name)
+            elif name not in types:   # an op onnx does not know (onnxruntime's com.microsoft ones)
+                probe_model.graph.output.append(onnx.ValueInfoProto(name=name))
+            known.add(name)
     session = runtime.session(probe_model.SerializeToString(), source, optimize=False)
     inp = graph_input(model)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
@@ -148,7 +178,11 @@ def probe(model, sample_shape, batch, source="the model"):
     value_free = value_free_tensors(model)
     for name, value in values.items():
         value = np.asarray(value)
-        shapes[name] = tuple(value.shape)
+        shapes[probed_as.get(name, name)] = tuple(value.shape)
+        if name in probed_as:
+            name = probed_as[name]
+            dtypes[name] = types[name]
+            continue
         dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         if dtypes[name] in INT_TYPES and value.size <= 64 and name in value_free \
                 and np.array_equal(value, np.asarray(other[name])):
@@ -223,10 +257,96 @@ def fold_pads_into_convs(model, ctx, keep=()):
     return result
 
 
+def gradient_path(graph, wrt, output, dtypes):
+    """What a gradient of `output` with respect to the tensors `wrt` flows through: (the tensors
+    that depend on wrt through float tensors or quantised ones (quantization.carries_gradient), the tensors on a path from wrt to output, the nodes
+    on such a path in reverse graph order, the ones to differentiate)."""
+    depends = set(wrt)
+    for node in graph.node:
+        if any(i in depends for i in node.input if i):
+            depends.update(o for k, o in enumerate(node.output)
+                           if o and quantization.carries_gradient(node, k, dtypes, depends))
+    needed, active_nodes = {output}, []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
+            active_nodes.append(node)
+            needed.update(i for i in node.input if i in depends)
+    return depends, needed, active_nodes
+
+
 def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sample_shape, batch=2,
                          source="the model") -> onnx.ModelProto:
     """A copy of `model` with the objective, the gradients and the activations as extra outputs
-    (`source`: how errors name the model)."""
+    (`source`: how errors name the model).
+
+    The gradient graph uses only ops of the opset the model declares. Where a rule needs an op
+    that opset lacks (below RULES_OPSET), it is built on the model converted to a newer opset by
+    onnx's version converter, once the converted model is seen to give the same outputs; the
+    graph then says so in its metadata (OPSET_CONVERSION) and a warning on the "multisal" logger."""
+    opset = model_opset(model)
+    try:
+        grad = _gradient_model(model, request, sample_shape, batch, source)
+        gap = opset_gap(grad)
+    except OpsetTooOld as err:
+        gap = str(err)
+    if gap is None:
+        return grad
+    if opset >= RULES_OPSET:
+        raise MultisalError(f"the gradient graph of {source} is not valid at its opset {opset}: {gap}")
+    converted, target = converted_model(model, sample_shape, batch, source, gap)
+    grad = _gradient_model(converted, request, sample_shape, batch, source)
+    left = opset_gap(grad)
+    if left is not None:
+        raise MultisalError(f"the gradient graph of {source} converted to opset {target} is not valid: {left}")
+    notice = (f"{source} declares opset {opset}, which lacks what its gradient needs ({gap}): the gradient graph "
+              f"is built on the model converted to opset {target} by onnx.version_converter (same outputs, checked)")
+    grad.metadata_props.add(key=OPSET_CONVERSION, value=notice)
+    LOG.warning("multisal: %s", notice)
+    return grad
+
+
+def opset_gap(grad_model) -> Optional[str]:
+    """None where onnx's checker accepts every node of a gradient graph at its opset, else what it
+    refused, in one line naming the model's node whose gradient needed it."""
+    try:
+        onnx.checker.check_model(grad_model)
+    except onnx.checker.ValidationError as err:
+        text = " ".join(str(err).split())
+        node = re.search(r"Name: (\S+) OpType: (\w+)", text)
+        reason = text.split(" ==> Context:")[0]
+        if node and forward_node_name(node.group(1)) != node.group(1):
+            return f"{reason} in the gradient of node {forward_node_name(node.group(1))!r}"
+        return reason + (f" in node {node.group(1)!r}" if node else "")
+    except ValueError:   # a model over protobuf's 2 GiB, which the checker cannot take whole
+        return None
+    return None
+
+
+def converted_model(model, sample_shape, batch, source, why):
+    """(model converted by onnx.version_converter to the first opset from RULES_OPSET on that it
+    converts to and that gives the same outputs as the original on a random input, that opset)."""
+    inp = graph_input(model)
+    x = np.random.default_rng(0).standard_normal((batch, *sample_shape)).astype(
+        helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+    original = runtime.run(runtime.session(model.SerializeToString(), source), {inp.name: x}, source)
+    failures = []
+    for target in CONVERSION_OPSETS:
+        try:
+            converted = version_converter.convert_version(model, target)
+            onnx.checker.check_model(converted)
+            values = runtime.run(runtime.session(converted.SerializeToString(), source), {inp.name: x}, source)
+        except Exception as err:   # noqa: BLE001 - the converter, the checker and onnxruntime raise their own types
+            failures.append(f"opset {target}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}")
+            continue
+        if all(np.shape(a) == np.shape(b) and np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(a).max(initial=0)))
+               for a, b in zip(original, values)):
+            return converted, target
+        failures.append(f"opset {target}: the converted model gives other outputs")
+    raise MultisalError(f"{source}: {why}, and onnx.version_converter gives no model of a newer opset that "
+                        f"computes the same ({'; '.join(failures)})")
+
+
+def _gradient_model(model, request, sample_shape, batch, source):
     graph = model.graph
     opset = model_opset(model)
     inp = graph_input(model).name
@@ -239,18 +359,16 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
                                 + (f"; closest: {', '.join(close)}" if close else "; see `multisal layers MODEL`"))
     wrt = ([inp] if request.input_grad else []) + list(request.layers)
     constants = {**shape_constants, **constant_values(model)}
+    constants.update(quantization.dequantised_constants(model, constants))
+    quantised = quantization.quantised_tensors(model, constants)
+    for layer in request.layers:
+        if dtypes[layer] not in FLOAT_TYPES and layer not in quantised:
+            raise MultisalError(f"layer {layer!r} is an integer tensor with no scale of its own (not a quantised "
+                                "op's output): name a float layer or a quantised one")
     model = fold_pads_into_convs(model, GradContext(opset, shapes, dtypes, constants, set()), keep=request.layers)
     graph = model.graph
 
-    depends = set(wrt)
-    for node in graph.node:
-        if any(i in depends for i in node.input if i):
-            depends.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
-    needed, active_nodes = {output}, []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output) and any(i in depends for i in node.input if i):
-            active_nodes.append(node)
-            needed.update(i for i in node.input if i in depends)
+    depends, needed, active_nodes = gradient_path(graph, wrt, output, dtypes)
     for name in wrt:
         if name not in needed:
             raise MultisalError(f"the output {output!r} does not depend on {name!r}: nothing to differentiate")
@@ -261,7 +379,7 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     # d objective / d f(output) = W (objective.py).
     first = len(ctx.nodes)
     ctx.scope = OBJECTIVE_SCOPE
-    scores, weights, extra_inputs, extra_outputs = build_objective(ctx, output, request.objective, request.region)
+    scores, weights, extra_inputs, extra_outputs = build_objective(ctx, output, request)
     objective_nodes = ctx.nodes[first:]
     for node in objective_nodes:
         if node.op_type not in SHAPE_ONLY_OPS and any(i in ctx.active for i in node.input):
@@ -276,10 +394,11 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
 
     for node in list(reversed(objective_nodes)) + active_nodes:
         ctx.scope = gradient_scope(node)
+        ctx.meets(node)
         dys = [total(o) if o else None for o in node.output]
         if all(d is None for d in dys):
             continue
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = rule_for(node)
         if rule is None:
             raise MultisalError(f"no gradient rule for op {node.op_type} (node {node_label(node)!r}, "
                                 f"opset {opset}{', domain ' + node.domain if node.domain else ''})")
@@ -287,11 +406,18 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
             if dx is not None and ctx.needs(node, i):
                 grads.setdefault(node.input[i], []).append(dx)
 
-    wrt_totals = {}
+    wrt_totals, output_types = {}, {}
     for name in wrt:
         ctx.scope = grad_output_node(name)
-        # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
-        wrt_totals[name] = total(name) or ctx.zeros_like(name)
+        output_types[name] = dtypes[name]
+        if name in quantised:   # a quantised layer: the gradient with respect to its real values, dq / s
+            scale = quantised[name][0]
+            output_types[name] = dtypes[scale]
+            grad = total(name) or ctx.emit("Cast", [ctx.zeros_like(name)], to=output_types[name])
+            wrt_totals[name] = ctx.emit("Div", [grad, scale])
+        else:
+            # A tensor that reaches the output only through ops of zero gradient (Floor, Sign, ...) gets none.
+            wrt_totals[name] = total(name) or ctx.zeros_like(name)
     result = onnx.ModelProto()
     result.CopyFrom(model)
     g = result.graph
@@ -301,8 +427,30 @@ def build_gradient_model(model: onnx.ModelProto, request: GradientRequest, sampl
     g.output.extend(extra_outputs)
     for name in wrt:
         g.node.append(helper.make_node("Identity", [wrt_totals[name]], [grad_name(name)], name=grad_output_node(name)))
-        g.output.append(helper.make_tensor_value_info(grad_name(name), dtypes[name], _batched(shapes[name])))
+        g.output.append(helper.make_tensor_value_info(grad_name(name), output_types[name], _batched(shapes[name])))
     for name in request.layers:
-        g.node.append(helper.make_node("Identity", [name], [act_name(name)], name=f"multisal_act_out/{name}"))
-        g.output.append(helper.make_tensor_value_info(act_name(name), dtypes[name], _batched(shapes[name])))
+        shown = name
+        if name in quantised:
+            g.node.append(quantization.real_view(name, *quantised[name]))
+            shown = quantization.REAL_PREFIX + name
+        g.node.append(helper.make_node("Identity", [shown], [act_name(name)], name=f"multisal_act_out/{name}"))
+        g.output.append(helper.make_tensor_value_info(act_name(name), output_types[name], _batched(shapes[name])))
+    declare_as_probed(g, shapes)
     return result
+
+
+def declare_as_probed(graph, shapes):
+    """Every graph output and value_info whose declared shape the probe run contradicts (another
+    rank, or another fixed extent) is declared with the probed rank and no extents instead:
+    onnxruntime plans its buffers from declared shapes and fails at run time where a node reads
+    such a tensor ("Shape mismatch attempting to re-use buffer"), as where an exporter declared
+    (T, N, classes) logits as (1, T)."""
+    for value in list(graph.output) + list(graph.value_info):
+        probed, tensor = shapes.get(value.name), value.type.tensor_type
+        if probed is None or not tensor.HasField("shape"):
+            continue
+        dims = tensor.shape.dim
+        if len(dims) != len(probed) or any(d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, probed)):
+            tensor.shape.ClearField("dim")
+            for _ in probed:
+                tensor.shape.dim.add()

@@ -31,6 +31,17 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 INT64_MIN = int(np.iinfo(np.int64).min)
 
 RULES: Dict[str, Callable] = {}
+# onnxruntime's contrib domain, and those of its ops (the quantised ones onnxruntime's quantiser
+# writes) that have rules under the same op name (registered by rules/quantization.py).
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_OPS = set()
+# The opsets the rules are written for: below, a rule may need an op the model's opset lacks, and
+# the gradient graph is then built on the model converted to a newer one (builder.py).
+RULES_OPSET = 11
+
+
+class OpsetTooOld(MultisalError):
+    """A rule needs an op, or a form of one, that the model's opset does not have."""
 
 
 def rule(*op_types):
@@ -39,6 +50,14 @@ def rule(*op_types):
             RULES[op] = fn
         return fn
     return register
+
+
+def rule_for(node):
+    """The gradient rule registered for a node's op (the default domain's ops, and the com.microsoft
+    ops in CONTRIB_OPS), or None where there is none."""
+    if node.domain in ("", "ai.onnx") or (node.domain == CONTRIB_DOMAIN and node.op_type in CONTRIB_OPS):
+        return RULES.get(node.op_type)
+    return None
 
 
 def elementwise(*op_types, of, divide=False):
@@ -124,10 +143,11 @@ class GradContext:
     def __init__(self, opset: int, shapes: dict, dtypes: dict, constants: dict, active: set,
                  float_type=FLOAT):
         self.opset = opset
-        # The model's float type: constants and masks are written in it, so float16 and float64
-        # models get gradient graphs that type-check.
+        # The float type constants and masks are written in: the explained output's while the
+        # objective is written, then that of the node being differentiated (meets), so that float16,
+        # float64 and mixed-precision models (float16 inside, float32 at their Casts) get gradient
+        # graphs that type-check.
         self.float_type = float_type
-        self.float_dtype = helper.tensor_dtype_to_np_dtype(float_type)
         self.shapes = shapes          # tensor name -> tuple of ints, as seen by a probe run
         self.dtypes = dtypes          # tensor name -> onnx TensorProto element type
         self.constants = constants    # tensor name -> numpy array (initializers, Constant outputs)
@@ -136,6 +156,26 @@ class GradContext:
         self.initializers = []
         self.scope = GRADIENT_SCOPE   # the builder names the node whose gradient is being written
         self._count = 0
+        self.deferred = {}            # tensor name -> what writes it, called when a node first reads it
+        self.notes = {}               # what one rule tells another about a gradient it wrote
+
+    @property
+    def float_type(self):
+        return self._float_type
+
+    @float_type.setter
+    def float_type(self, elem_type):
+        self._float_type = elem_type
+        self.float_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+
+    def meets(self, node):
+        """Write what follows in the float type of `node`'s tensors: its first float output's, else
+        its first float input's. ONNX binds one type to an op's float inputs and outputs; Cast, the
+        one op between two float types, casts its gradient back itself."""
+        for name in list(node.output) + list(node.input):
+            if self.dtypes.get(name) in FLOAT_TYPES:
+                self.float_type = self.dtypes[name]
+                return
 
     # ---- what a rule may ask --------------------------------------------------------------------
     def needs(self, node, i: int) -> bool:
@@ -180,10 +220,28 @@ class GradContext:
     def emit(self, op_type, inputs, outputs=1, domain="", **attrs):
         """Append a node; returns its output name (or names when outputs > 1): the node's own name,
         with :<i> after it when it has several."""
+        self.ready(inputs)
         name = self._name(op_type)
         names = [name] if outputs == 1 else [f"{name}:{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
+
+    def defer(self, name, write):
+        """Makes `name` a tensor that `write()` puts into the graph (nodes or an initializer of
+        that name) only when an emitted node first reads it: the dequantised operands of a
+        quantised op, which its float rule may or may not read (onnxruntime runs nodes whose
+        output nothing reads)."""
+        self.deferred[name] = write
+
+    def tensor_name(self, hint):
+        """A fresh tensor name in the rule's scope, for a tensor the rule makes itself."""
+        return self._name(hint)
+
+    def ready(self, inputs):
+        """Writes those of `inputs` that are deferred, before a node reads them."""
+        for tensor in inputs:
+            if tensor in self.deferred:
+                self.deferred.pop(tensor)()
 
     def const(self, value, dtype=None, hint="const") -> str:
         name = self._name(hint)
@@ -215,6 +273,13 @@ class GradContext:
         if self.opset >= 13:
             return self.emit("Squeeze", [x, self.int64s(axes)])
         return self.emit("Squeeze", [x], axes=list(axes))
+
+    def mod(self, a, n):
+        """a mod n of non-negative integers: Mod from opset 10, a - (a / n) n before it (integer
+        Div truncates, which is the floor for non-negative values)."""
+        if self.opset >= 10:
+            return self.emit("Mod", [a, n])
+        return self.emit("Sub", [a, self.emit("Mul", [self.emit("Div", [a, n]), n])])
 
     def positive(self, x):
         """[x > 0] as 0/1 in the model's float type: ReLU's mask."""
@@ -267,7 +332,7 @@ class GradContext:
                 inputs.append(self.int64s(steps))
             return self.emit("Slice", inputs)
         if any(s != 1 for s in steps):
-            raise MultisalError(f"opset {self.opset}: Slice has no steps before opset 10")
+            raise OpsetTooOld(f"opset {self.opset}: Slice has no steps before opset 10")
         return self.emit("Slice", [x], starts=[int(s) for s in starts], ends=[int(e) for e in ends],
                          axes=[int(a) for a in axes])
 

@@ -7,6 +7,10 @@ gradient is W itself: the builder seeds d objective / d f(y) = W (for the logit,
 seed is W on the output, with no node in between). The target weights W come from graph inputs:
 the one-hot row of `multisal_target` (int64 per sample; -1 = the argmax of this pass) for a
 classifier, or `multisal_region` (a weight per element of one sample's output) for a dense output.
+For a detection target the graph takes the box, the IoU threshold and the class's one-hot as
+inputs (one graph serves every box), and writes multisal.objectives' detection_terms as nodes: W
+is then computed in the same pass from the output's box values, and only the class scores' nodes
+are differentiated.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import numpy as np
 
 from multisal.errors import MultisalError
 from multisal.frameworks import lazy_import
-from multisal.objectives import Region, objective_scores
+from multisal.objectives import Region, detection_terms, objective_scores
 
 from .context import BOOL, INT64
 
@@ -23,6 +27,9 @@ helper = lazy_import("onnx.helper")
 TARGET_INPUT = "multisal_target"
 REGION_INPUT = "multisal_region"
 USED_TARGET = "multisal_target_used"
+BOX_INPUT = "multisal_box"
+IOU_INPUT = "multisal_iou"
+CLASS_INPUT = "multisal_class"
 
 
 class OnnxOps:
@@ -63,6 +70,45 @@ class OnnxOps:
     def neg(self, x):
         return self._emit("Neg", [x], self.shape(x))
 
+    def _broadcast(self, op, a, b, dtype=None):
+        return self._emit(op, [a, b], np.broadcast_shapes(self.shape(a), self.shape(b)), dtype=dtype)
+
+    def add(self, a, b):
+        return self._broadcast("Add", a, b)
+
+    def sub(self, a, b):
+        return self._broadcast("Sub", a, b)
+
+    def mul(self, a, b):
+        return self._broadcast("Mul", a, b)
+
+    def minimum(self, a, b):
+        return self._broadcast("Min", a, b)
+
+    def maximum(self, a, b):
+        return self._broadcast("Max", a, b)
+
+    def at_least(self, a, b):
+        below = self._broadcast("Less", a, b, dtype=BOOL)
+        return self._emit("Cast", [self._emit("Not", [below], self.shape(below), dtype=BOOL)], self.shape(below),
+                          to=self.ctx.float_type)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x   # the builder differentiates only from f: nothing flows back into W
+
+    def constant(self, array):
+        name = self.ctx.const(array)
+        self.ctx.shapes[name], self.ctx.dtypes[name] = tuple(np.shape(array)), self.ctx.float_type
+        return name
+
+    def take(self, x, axis, start, stop):
+        shape = list(self.shape(x))
+        shape[axis] = stop - start
+        name = self.ctx.slice(x, [axis], [start], [stop])
+        self.ctx.shapes[name], self.ctx.dtypes[name] = tuple(shape), self.ctx.dtypes.get(x, self.ctx.float_type)
+        return name
+
     def one_hot(self, indices, n):
         classes = self.ctx.int64s(np.arange(n))
         unsqueezed = self.ctx.unsqueeze(indices, [1])
@@ -70,16 +116,28 @@ class OnnxOps:
         return self._emit("Cast", [hit], (self.shape(indices)[0], n), to=self.ctx.float_type)
 
 
-def build_objective(ctx, output, objective, region):
-    """Write the objective on `output`: returns (f(output)'s name, the weights W, which are
-    d objective / d f(output), extra graph inputs, extra graph outputs)."""
+def build_objective(ctx, output, request):
+    """Write the request's objective on `output`: returns (f's name, the weights W, which are
+    d objective / d f, extra graph inputs, extra graph outputs)."""
     ops = OnnxOps(ctx)
     shape = ctx.shape(output)
-    if region:
-        if len(shape) not in (3, 4):
-            raise MultisalError(f"a region target needs a dense output (N,C,H,W) or (N,T,C); {output!r} has shape {shape}")
+    if request.detection is not None:
+        axis, objectness = request.detection
+        n_classes = shape[axis] - (5 if objectness else 4)
+        inputs = []
+        for name, input_shape in ((BOX_INPUT, (4,)), (IOU_INPUT, (1,)),
+                                  (CLASS_INPUT, (n_classes, 1) if axis == 1 else (n_classes,))):
+            ctx.shapes[name], ctx.dtypes[name] = input_shape, ctx.float_type
+            inputs.append(helper.make_tensor_value_info(name, ctx.float_type, list(input_shape)))
+        scores, weights = detection_terms(ops, output, request.objective, request.detection, BOX_INPUT, IOU_INPUT,
+                                          CLASS_INPUT)
+        return scores, weights, inputs, []
+    if request.region:
+        if len(shape) < 3:
+            raise MultisalError(f"a region target needs a dense output (N,C,H,W), (N,T,C) or another layout with "
+                                f"positions and channels; {output!r} has shape {shape}")
         weights = ops._emit("Expand", [REGION_INPUT, ctx.emit("Shape", [output])], shape)
-        axis = Region.class_axis(shape)
+        axis = Region.class_axis(shape, request.region_axis)
         inputs = [helper.make_tensor_value_info(REGION_INPUT, ctx.float_type, list(shape[1:]))]
         outputs = []
     else:
@@ -94,4 +152,4 @@ def build_objective(ctx, output, objective, region):
         axis = 1
         inputs = [helper.make_tensor_value_info(TARGET_INPUT, INT64, ["N"])]
         outputs = [helper.make_tensor_value_info(USED_TARGET, INT64, ["N"])]
-    return objective_scores(ops, output, objective, axis), weights, inputs, outputs
+    return objective_scores(ops, output, request.objective, axis), weights, inputs, outputs

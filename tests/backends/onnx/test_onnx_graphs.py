@@ -73,11 +73,12 @@ def test_sequence_output_region_over_time(tmp_path):
 
 
 def test_fixed_batch_that_cannot_be_rewritten_loops(tmp_path):
-    """A Reshape to [1, -1] cannot take a batch by rewriting the 1: the backend runs one by one."""
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["f"]),
+    """A Flatten at axis 0 puts the batch into the features, (1, 12) at batch 1 and (1, 12 N) at N:
+    no rewrite makes that take a batch, and the backend runs one by one."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Flatten", ["r"], ["f"], axis=0),
              helper.make_node("MatMul", ["f", "W"], ["y"])]
     W = RNG.standard_normal((12, 3)).astype(np.float32)
-    model = make_model(nodes, (1, 3, 2, 2), (1, 3), {"shape": np.array([1, -1], np.int64), "W": W}, opset=13)
+    model = make_model(nodes, (1, 3, 2, 2), (1, 3), {"W": W}, opset=13)
     onnx.save_model(model, str(tmp_path / "fixed.onnx"))
     be = ms.load_backend("onnx", model=str(tmp_path / "fixed.onnx"), cache_dir=tmp_path)
     assert be.batch_one and be.batch_size((3, 2, 2)) == 1

@@ -106,3 +106,48 @@ def test_computed_axes_are_refused_naming_the_node():
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     with pytest.raises(MultisalError, match="sum_of_computed_axes.*constant axes"):
         run_gradient(model, draw_distinct(RNG, x_shape), [0, 1])
+
+
+NORMS = ["ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp"]
+
+
+def _away_from_zero(shape):
+    """Values at least 0.1 from 0, where ReduceL1's |x| has its kink."""
+    x = RNG.uniform(0.1, 1.5, shape) * RNG.choice([-1, 1], shape)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("op", NORMS)
+@pytest.mark.parametrize("axes, keepdims", [([2, 3], 1), ([-1], 0), ([0, 2], 1), (None, 0)])
+def test_norms(op, opset, axes, keepdims):
+    """The norms' axes as attribute (before opset 18) or input (from 18); None = all axes."""
+    x_shape = (2, 3, 2, 3)
+    model = _reduce_model(op, opset, x_shape, axes, keepdims)
+    check_input_gradient(model, _away_from_zero(x_shape), [0, 1])
+
+
+@pytest.mark.parametrize("op", NORMS)
+def test_norms_of_each_element_alone(op):
+    """Empty axes with noop_with_empty_axes=1: each element is reduced alone (|x|, x^2, x)."""
+    x_shape = (2, 3, 2, 2)
+    model = _reduce_model(op, 18, x_shape, [], 1, noop=1)
+    check_input_gradient(model, _away_from_zero(x_shape), [0, 2])
+
+
+def test_l2_norm_of_a_zero_vector_has_zero_gradient():
+    """F.normalize's ReduceL2 on an all-zero row: torch's gradient there is 0, not 0/0."""
+    nodes = [helper.make_node("ReduceL2", ["x"], ["n"], axes=[2], keepdims=1),
+             helper.make_node("Add", ["n", "x"], ["y3"]),
+             helper.make_node("ReduceSum", ["y3", "axes"], ["y"], keepdims=0)]
+    model = make_model(nodes, (2, 3, 4), (2, 3), {"axes": np.array([2], np.int64)}, opset=13)
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    x[1, 2] = 0.0
+    values, _ = run_gradient(model, x, [0, 2])
+    got = values[grad_name("x")]
+    assert np.isfinite(got).all()
+    torch = pytest.importorskip("torch")
+    xt = torch.from_numpy(x).requires_grad_(True)
+    scores = (torch.linalg.vector_norm(xt, dim=2, keepdim=True) + xt).sum(2)
+    (expected,) = torch.autograd.grad(scores[[0, 1], [0, 2]].sum(), xt)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-7)

@@ -4,6 +4,7 @@ their form changes; and a gradient graph built at one batch size run at another.
 import functools
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
@@ -126,3 +127,30 @@ def test_gradient_graph_built_at_one_batch_runs_at_another():
     got = session.run([grad_name("x")], {"x": x, TARGET_INPUT: target})[0]
     expected, _ = run_gradient(model, x, target)
     assert_agree(got, expected[grad_name("x")], tol=1e-5)
+
+
+# ---- Col2Im -----------------------------------------------------------------------------------------
+def test_torch_fold_exports_col2im_and_differentiates(tmp_path):
+    """nn.Fold (VOLO's outlooker attention folds its windows back) exports as Col2Im; the input
+    gradient of fold(unfold-like columns) * weights equals torch's autograd."""
+    torch = pytest.importorskip("torch")
+
+    class Folding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fold = torch.nn.Fold((5, 6), kernel_size=3, padding=1, stride=2)
+            self.weights = torch.nn.Parameter(torch.randn(1, 2, 5, 6, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            return torch.tanh(self.fold(x) * self.weights).flatten(1)
+
+    net = Folding().eval()
+    path = tmp_path / "fold.onnx"
+    torch.onnx.export(net, (torch.zeros(2, 18, 9),), str(path), dynamo=False, opset_version=18)
+    model = onnx.load(str(path))
+    assert "Col2Im" in {n.op_type for n in model.graph.node}
+    x = RNG.standard_normal((2, 18, 9)).astype(np.float32)
+    values, _ = run_gradient(model, x, [3, 17])
+    xt = torch.from_numpy(x).requires_grad_(True)
+    (expected,) = torch.autograd.grad(net(xt)[[0, 1], [3, 17]].sum(), xt)
+    assert_agree(values[grad_name(model.graph.input[0].name)], expected.numpy(), tol=1e-5)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..context import elementwise, linear, rule, zero
+from ..context import FLOAT_TYPES, elementwise, linear, rule, zero
 
 
 # Dropout is the identity at inference; its mask output carries no gradient.
 linear("Identity", "Dropout")(lambda ctx, node, dy: dy)
-# Only float -> float casts carry a gradient (integer outputs are never active); cast it back.
-linear("Cast")(lambda ctx, node, dy: ctx.emit("Cast", [dy], to=ctx.dtypes[node.input[0]]))
+# Float -> float casts cast the gradient back; a cast of quantised integers (int32 products of
+# MatMulInteger) keeps it float. Casts to integers carry none (their outputs are never active).
+linear("Cast")(lambda ctx, node, dy: ctx.emit("Cast", [dy], to=ctx.dtypes[node.input[0]])
+               if ctx.dtypes[node.input[0]] in FLOAT_TYPES else dy)
 linear("Neg")(lambda ctx, node, dy: ctx.emit("Neg", [dy]))
 zero("Sign", "Floor", "Ceil", "Round")
 

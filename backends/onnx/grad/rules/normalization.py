@@ -22,11 +22,15 @@ def batch_norm(ctx, node, dy):
     eps = float(ctx.attr(node, "epsilon", 1e-5))
     sv, vv = ctx.const_value(scale), ctx.const_value(var)
     rank = ctx.rank(x)
+    # From opset 15 the statistics may be of another float type than x (float32 ones of a float16
+    # model): the factor is written in x's.
     if sv is not None and vv is not None:
-        factor = _per_channel(ctx, (sv / np.sqrt(vv.astype(np.float64) + eps)).astype(sv.dtype), rank)
+        factor = _per_channel(ctx, (sv / np.sqrt(vv.astype(np.float64) + eps)).astype(ctx.float_dtype), rank)
     else:
-        factor = _per_channel(ctx, ctx.emit("Div", [scale, ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.const(eps)])])]),
-                              rank)
+        factor = ctx.emit("Div", [scale, ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.const_like(eps, var)])])])
+        if ctx.dtypes.get(scale) != ctx.float_type:
+            factor = ctx.emit("Cast", [factor], to=ctx.float_type)
+        factor = _per_channel(ctx, factor, rank)
     return ctx.emit("Mul", [dy, factor])
 
 

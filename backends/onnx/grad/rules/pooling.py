@@ -4,7 +4,7 @@ Windowed pools are differentiated without per-window loops: what each of the K k
 receives is formed on the whole output grid at once, as (N*C, K, Ho, Wo), and put back in place
 by one ConvTranspose with K input channels, one output channel and a fixed kernel (stride, pads
 and dilations of the pool) -- a scatter-add that works at every opset. Every rule writes only
-ops valid at opsets 11..21.
+ops valid at opsets 11..21, and MaxPool's also at 8..10 (its argmax's Indices output came at 8).
 """
 from __future__ import annotations
 
@@ -58,13 +58,12 @@ def _window_offsets(ctx, node, kernel, strides, dilations, begin, in_sp, out_sp)
     spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     if all(span <= n for span, n in zip(spans[1:], in_sp[1:])):
         radix = steps                   # the input's own strides: the flat index within one image
-        code = ctx.emit("Mod", [indices, ctx.int64s(flat)])
+        code = ctx.mod(indices, ctx.int64s(flat))
     else:                               # a window wider than the input: decode each coordinate
         radix = [int(np.prod(spans[d + 1:])) for d in range(len(in_sp))]
         terms = []
         for step, n, r in zip(steps, in_sp, radix):
-            coord = ctx.emit("Mod", [ctx.emit("Div", [indices, ctx.int64s(step)]) if step > 1 else indices,
-                                     ctx.int64s(n)])
+            coord = ctx.mod(ctx.emit("Div", [indices, ctx.int64s(step)]) if step > 1 else indices, ctx.int64s(n))
             terms.append(ctx.emit("Mul", [coord, ctx.int64s(r)]) if r > 1 else coord)
         code = functools.reduce(lambda a, b: ctx.emit("Add", [a, b]), terms)
     grids = np.meshgrid(*[np.arange(o) * s - b for o, s, b in zip(out_sp, strides, begin)], indexing="ij")

@@ -1,4 +1,5 @@
-"""Gradient rules of the reductions over axes: ReduceSum, ReduceMean, ReduceMax."""
+"""Gradient rules of the reductions over axes: ReduceSum, ReduceMean, ReduceMax and the norms
+ReduceL1, ReduceL2, ReduceSumSquare, ReduceLogSumExp (F.normalize exports ReduceL2)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ from ..context import linear, node_label, rule
 def _reduce_axes(ctx, node):
     """The reduced axes (sorted, non-negative), or None when the node is the identity
     (empty axes with noop_with_empty_axes=1). Axes are an attribute before opset 13 (ReduceSum)
-    or 18 (the others), then an optional input; absent or empty means all axes."""
+    or 18 (the others, the norms included), then an optional input; absent or empty means all axes."""
     rank = ctx.rank(node.input[0])
     if ctx.opset >= (13 if node.op_type == "ReduceSum" else 18):
         axes = []
@@ -69,3 +70,45 @@ def reduce_max(ctx, node, dys):
     count = ctx.reduce("ReduceSum", hit, axes, keepdims=True)
     share = ctx.emit("Div", [_keep_dims(ctx, node, dys[0], axes), count])
     return [ctx.emit("Mul", [hit, share]), None]
+
+
+
+def _with_kept_dims(ctx, node, dy):
+    """(Y, dY) with the reduced axes back as size 1, so they broadcast against X. With no axes
+    reduced (noop_with_empty_axes) a norm is taken of each element alone (ReduceL2 gives |X|,
+    ReduceSumSquare X^2, as onnxruntime computes them) and the rules' formulas still hold."""
+    axes = _reduce_axes(ctx, node)
+    if axes is None:
+        return node.output[0], dy
+    return _keep_dims(ctx, node, node.output[0], axes), _keep_dims(ctx, node, dy, axes)
+
+
+@rule("ReduceSumSquare")
+def reduce_sum_square(ctx, node, dys):
+    """Y = sum X^2: dX = 2 X dY."""
+    x = node.input[0]
+    _, dy = _with_kept_dims(ctx, node, dys[0])
+    return [ctx.emit("Mul", [dy, ctx.emit("Add", [x, x])]), None]
+
+
+@rule("ReduceL1")
+def reduce_l1(ctx, node, dys):
+    """Y = sum |X|: dX = sign(X) dY (0 at X = 0, as Abs's rule takes)."""
+    _, dy = _with_kept_dims(ctx, node, dys[0])
+    return [ctx.emit("Mul", [dy, ctx.emit("Sign", [node.input[0]])]), None]
+
+
+@rule("ReduceL2")
+def reduce_l2(ctx, node, dys):
+    """Y = sqrt(sum X^2): dX = X dY / Y. Where Y = 0 (all of X zero) dX = 0, torch's choice for
+    the norm of a zero vector: dividing by Y + [Y = 0] there leaves X dY = 0 instead of 0/0."""
+    y, dy = _with_kept_dims(ctx, node, dys[0])
+    safe = ctx.emit("Add", [y, ctx.mask(ctx.emit("Equal", [y, ctx.const_like(0.0, y)]))])
+    return [ctx.emit("Mul", [node.input[0], ctx.emit("Div", [dy, safe])]), None]
+
+
+@rule("ReduceLogSumExp")
+def reduce_log_sum_exp(ctx, node, dys):
+    """Y = log sum exp X: dX = exp(X - Y) dY, the softmax of X over the reduced axes times dY."""
+    y, dy = _with_kept_dims(ctx, node, dys[0])
+    return [ctx.emit("Mul", [ctx.emit("Exp", [ctx.emit("Sub", [node.input[0], y])]), dy]), None]

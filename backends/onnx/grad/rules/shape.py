@@ -1,10 +1,11 @@
 """Gradient rules of ops that move, copy or pad values without changing them: Reshape, Flatten,
-Squeeze, Unsqueeze, Transpose, Expand, Tile, Concat, Split, Pad.
+Squeeze, Unsqueeze, Transpose, Expand, Tile, Concat, Split, Pad, Col2Im.
 
 Every op here is linear in its data input, y = A x for a 0/1 matrix A, so the gradient is
 dx = A^T dy: values that were moved are moved back, and where one value was copied to several
 places (Concat of a path with itself, Tile, Expand, edge/reflect padding) the copies' gradients
-are added. The rules lean on the static shapes of the probe run but keep the batch axis free: a
+are added, and where several values were added into one (Col2Im's overlapping blocks) each gets
+the sum's gradient. The rules lean on the static shapes of the probe run but keep the batch axis free: a
 batch extent is never written into the graph (Reshape copies it with 0, Slice/Pad address it by
 index or not at all).
 """
@@ -169,3 +170,26 @@ def pad(ctx, node, dy):
             parts.append(ctx.pad(part, rank, {axis: (lo, dim - 1 - positions[-1])}))
         g = ctx.add_all(parts)
     return g
+
+
+# ---- Col2Im ---------------------------------------------------------------------------------------
+@linear("Col2Im")
+def col2im(ctx, node, dy):
+    """Y = col2im(X) adds each column of X (C x K values, K the block's size, channel-major as
+    torch's fold) into its block of the image, so dX = im2col(dY): the blocks read back, which is
+    a grouped Conv of dY with a one-hot kernel per block offset (C*K output channels, the same
+    strides, dilations and pads), its output grid flattened into the L columns."""
+    image, block = (ctx.const_value(name) for name in node.input[1:3])
+    if image is None or block is None:
+        raise MultisalError(f"Col2Im node {node_label(node)!r}: its image_shape and block_shape are computed at "
+                            "run time; multisal needs them constant")
+    block = [int(b) for b in np.ravel(block)]
+    channels, size = ctx.shape(node.output[0])[1], int(np.prod(block))
+    onehot = np.eye(size, dtype=ctx.np_dtype(node.input[0])).reshape(size, 1, *block)
+    spatial = len(block)
+    blocks = ctx.emit("Conv", [dy, ctx.const(np.tile(onehot, (channels, 1) + (1,) * spatial), dtype=onehot.dtype)],
+                      group=channels, kernel_shape=block,
+                      strides=[int(v) for v in ctx.attr(node, "strides", [1] * spatial)],
+                      dilations=[int(v) for v in ctx.attr(node, "dilations", [1] * spatial)],
+                      pads=[int(v) for v in ctx.attr(node, "pads", [0] * 2 * spatial)])
+    return ctx.reshape(blocks, [0, channels * size, -1])
