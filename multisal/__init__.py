@@ -8,6 +8,7 @@ import importlib
 
 from .backend import Backend, ByteSize, Result
 from .errors import MissingFrameworkError, MultisalError
+from .evaluation import METRICS, evaluate
 from .methods import METHODS
 from .layouts import LAYOUTS, Layout
 from .methods.ablationcam import ablationcam
@@ -73,5 +74,5 @@ __all__ = [
     "vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "smooth_gradcam_pp",
     "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise",
     "attention_rollout", "transformer_attribution", "Layout", "LAYOUTS",
-    "smooth", "fooling_image", "class_visualization", "segment", "overlay", "show",
+    "smooth", "fooling_image", "class_visualization", "segment", "overlay", "show", "evaluate", "METRICS",
 ]

@@ -15,6 +15,12 @@ which each named layer's output is the array given instead of what the layer com
 input). Ablation-CAM asks for it, to see the score with one feature map zeroed. A backend that
 can do this implements `_run_replaced`; the others refuse in one line.
 
+One more member makes a new backend: `randomized(layers, seed)` returns a backend of the same
+kind over a copy of the model whose named layers (from `parameter_layers()`) have random
+parameters, the model itself untouched; the model-randomisation sanity check (multisal.evaluation)
+asks for it. A backend that can implements `parameter_layers` and `_randomized`; the others refuse
+in one line.
+
 A subclass implements `_run`, `layer_names`, `candidate_layers`, `sample_bytes` and, where its
 models declare one, `sample_shape` (and `_run_replaced` where it can, `layer_records` where it
 can describe every layer); this class does the rest once for all of them: input checks, chunking
@@ -90,6 +96,16 @@ class Backend:
         replace[layer] (float, one row per input) instead of what the layer computes; Result.outputs
         only. The backend checks the names (as it spells them) and the shapes against its layers.
         Backends that cannot do this leave it as it is."""
+        raise NotImplementedError
+
+    def parameter_layers(self) -> list:
+        """The layers `randomized` can randomise (those with parameters), in forward order."""
+        self.check_randomizes()
+        return []
+
+    def _randomized(self, layers, seed) -> "Backend":
+        """A new backend over a copy of the model with these layers' parameters random (seeded),
+        the layers checked against parameter_layers(). Backends that cannot leave it as it is."""
         raise NotImplementedError
 
     def layer_names(self) -> list:
@@ -191,6 +207,35 @@ class Backend:
             part = self._run_replaced(x[start:stop], {k: v[start:stop] for k, v in values.items()})
             parts.append(self.check_result(part, x[start:stop], None, [], False))
         return parts[0] if len(parts) == 1 else concatenate_results(parts)
+
+    @property
+    def randomizes(self) -> bool:
+        """Whether randomized() works on this backend (its class implements _randomized)."""
+        return type(self)._randomized is not Backend._randomized
+
+    def check_randomizes(self) -> None:
+        """One line naming this backend when randomized() does not work on it."""
+        if not self.randomizes:
+            raise MultisalError(f"backend {self.name!r} cannot randomise its model's parameters (randomized(...)), "
+                                "which the model-randomisation sanity check needs")
+
+    def randomized(self, layers: Sequence[str], seed: int = 0) -> "Backend":
+        """A new backend of this kind over a copy of the model in which each of `layers` (names
+        from parameter_layers()) has random parameters drawn from `seed`; this backend and its
+        model are left as they are."""
+        self.check_randomizes()
+        if isinstance(layers, str) or not list(layers):
+            raise MultisalError(f"randomized() takes a non-empty list of layer names, got {layers!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise MultisalError(f"seed={seed!r}: expected an integer >= 0")
+        known = self.parameter_layers()
+        for name in layers:
+            if name not in known:
+                close = closest_names(name, known)
+                hint = f"closest: {', '.join(close)}" if close else \
+                    f"layers with parameters: {', '.join(known[:12])}{', ...' if len(known) > 12 else ''}"
+                raise MultisalError(f"layer {name!r} of {self.describe()} has no parameters to randomise: {hint}")
+        return self._randomized(list(layers), int(seed))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Model outputs only (no backward)."""

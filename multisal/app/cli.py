@@ -1,4 +1,4 @@
-"""The `multisal` command: explain, batch, demo, methods, layers, check, export-grad.
+"""The `multisal` command: explain, batch, evaluate, demo, methods, layers, check, export-grad.
 
 Exit status: 0 on success; 2 for bad usage, a configuration, model or output folder that cannot
 run, with one line on stderr, before anything is written; 1 when some inputs failed (each listed
@@ -15,11 +15,13 @@ import sys
 from ..backends.onnx.backend import export_gradient_graph
 from ..backends.onnx.check import check_model
 from ..errors import MultisalError
+from ..evaluation import METRICS, check_metrics
 from ..methods import METHODS
 from ..objectives import OBJECTIVES
 from ..registry import backends
 from .config import parse_inline_table, read_toml
 from .demo import run_demo
+from .evaluate_run import evaluate_run
 from .loading import load_backend
 from .malloc import tune_malloc
 from .runs import run_batch, run_explain
@@ -30,6 +32,7 @@ EXPLAIN_EXAMPLES = """examples:
   multisal explain --config examples/torch.toml --backend onnx --target "Egyptian cat"
   multisal explain img.png --model mypkg.nets:build --preset torchvision-imagenet --layer layer4
   multisal explain skimage:chelsea --progression --method smoothgrad
+  multisal explain skimage:chelsea --method gradcam,rise --evaluate --metrics deletion,insertion
   multisal explain street.jpg --backend onnx --model yolov8n.onnx --preset raw --size 640 640 \
       --target '{detection = {class = 0, box = [120, 40, 260, 300]}}'
 
@@ -147,7 +150,30 @@ def _overrides(args):
 
 
 def _explain(args):
-    return _summary(run_explain(args.config, _overrides(args)))
+    metrics = _metrics(args)
+    return _summary(run_explain(args.config, _overrides(args)), metrics)
+
+
+def _metrics(args):
+    """--metrics a,b (checked before anything runs), or every metric; None without --evaluate."""
+    if not args.evaluate:
+        if args.metrics:
+            raise MultisalError("--metrics goes with --evaluate")
+        return None
+    return check_metrics(_split_methods(args.metrics)) if args.metrics else METRICS
+
+
+def _evaluate(args):
+    metrics = check_metrics(_split_methods(args.metrics)) if args.metrics else METRICS
+    return _evaluation_summary(evaluate_run(args.run_dir, metrics, progress=sys.stderr.isatty()))
+
+
+def _evaluation_summary(result):
+    for source, reason in result.failed:
+        print(f"multisal: not evaluated: {printable(source)}: {printable(reason)}", file=sys.stderr)
+    scored = sum("evaluation" in r for r in result.records)
+    print(f"{scored} inputs evaluated; report: {printable(result.report)}")
+    return 1 if result.failed else 0
 
 
 def _batch(args):
@@ -156,16 +182,20 @@ def _batch(args):
     if engine:
         base = read_toml(args.config) if args.config else {}
         overrides["engine"] = {**base.get("engine", {}), **engine}
-    return _summary(run_batch(args.config, overrides))
+    metrics = _metrics(args)
+    return _summary(run_batch(args.config, overrides), metrics)
 
 
-def _summary(run):
+def _summary(run, metrics=None):
     for record in run.failed:
         print(f"multisal: failed: {printable(record['input'])}: {printable(record['error'])}", file=sys.stderr)
     ok = len(run.records) - len(run.failed)
     skipped = f" ({run.skipped} done before)" if run.skipped else ""
     print(f"{ok} of {len(run.records)} inputs explained{skipped}; report: {printable(run.report)}")
-    return 1 if run.failed else 0
+    status = 1 if run.failed else 0
+    if metrics is not None and ok:
+        status = max(status, _evaluation_summary(evaluate_run(run.output, metrics, progress=sys.stderr.isatty())))
+    return status
 
 
 def printable(text) -> str:
@@ -198,6 +228,15 @@ def _run_options(p):
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size")
     p.add_argument("--progression", action="store_true",
                    help="also write SmoothGrad after 1, 2, 3, 10, 20, 30, 50, 75, 100 samples (one pass)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="then score every map (and a random and a Sobel baseline) and add the scores to the "
+                        "report and the manifest (as `multisal evaluate`)")
+    _metrics_option(p)
+
+
+def _metrics_option(p):
+    p.add_argument("--metrics", action="append", metavar="NAME[,NAME]",
+                   help=f"the metrics of the evaluation (repeatable; default all: {', '.join(METRICS)})")
 
 
 def _parser():
@@ -217,6 +256,13 @@ def _parser():
     p.add_argument("--engine", choices=["local", "ray"], help="where the work runs (replaces [engine] name)")
     p.add_argument("--batch-size", type=int, metavar="N", help="images explained together (replaces [engine] batch_size)")
     p.set_defaults(func=_batch)
+
+    p = sub.add_parser("evaluate", help="score the maps of a finished run; adds the scores to its index.html "
+                                        "and manifest", epilog="example: multisal evaluate out/pets --metrics "
+                                                               "deletion,insertion,sparseness")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a finished explain or batch run")
+    _metrics_option(p)
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="explain the scikit-image photos with EfficientNet-Lite0 on torch and onnx",
                        epilog="example: multisal demo --out out/demo")

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import MultisalError
 from ..files import DEFAULT_TAG, write_atomic
 from ..pictures import apply_colours, colour_table
+from .score_tables import STYLE as SCORES_STYLE, image_table, summary_table
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; --overlay-opacity: 1; }
@@ -91,7 +92,7 @@ def page(title, body, controls=False) -> str:
     """A complete HTML page around `body` (already escaped HTML), with the load check and, with
     `controls`, the opacity slider and side-by-side box for the overlays of figure(..., under=)."""
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<style>{STYLE}{SCORES_STYLE}</style>\n</head>\n<body>\n"
             f'<pre id="page-errors"></pre>\n<script>{SCRIPT}</script>\n'
             f"<h1>{html.escape(title)}</h1>\n{CONTROLS if controls else ''}\n{body}\n</body>\n</html>\n")
 
@@ -147,7 +148,8 @@ def render(records, config_text, title="multisal explain", sections=()) -> str:
     ok = sum(r["status"] == "ok" for r in records)
     parts = [f"<p>{len(records)} input{'s' if len(records) != 1 else ''}: {ok} explained, "
              f"{len(records) - ok} failed.</p>"]
-    parts += [_section(r) for r in records]
+    parts += [_section(r) + image_table(r) for r in records]
+    parts.append(summary_table(records))
     parts += [f"<h2>{esc(heading)}</h2>\n{body}" for heading, body in sections]
     parts.append(f'<h2>Configuration</h2>\n<pre class="config">{html.escape(config_text)}</pre>')
     return page(title, "\n".join(parts), controls=True)
