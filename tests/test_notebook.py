@@ -50,6 +50,12 @@ def test_notebook_runs_and_draws_every_picture(executed):
         "layercam", "xgradcam", "hirescam", "eigencam", "scorecam", "ablationcam", "occlusion", "rise"]
     differences = [float(d) for d in re.findall(r"relative L2 difference from torch: (\S+)", printed)]
     assert len(differences) == 3 and max(differences) < 1e-3   # the agreement bound of the backends
+    # The scores table: every scored map and both baselines, each score a fraction in [0, 1].
+    rows = dict((m.group(1), [float(v) for v in m.group(2).split()])
+                for m in re.finditer(r"^(\w+) +((?:[01]\.\d{3} *){3})$", printed, flags=re.M))
+    assert set(rows) == {"vanilla_gradient", "smoothgrad", "integrated_gradients", "gradcam", "gradcam_pp", "scorecam",
+                         "rise", "random", "sobel"}
+    assert rows["gradcam"][1] > rows["random"][1]     # insertion: Grad-CAM beats a random map on chelsea
 
 
 def test_the_run_shows_itself(executed):
