@@ -101,8 +101,10 @@ def test_explain_batch_and_layers_on_the_command_line(numpy_backend_class, photo
 
     assert main(["layers", MODEL, "--backend", "numpy", "--shape", "3", "8", "8"]) == 0
     listed = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert listed == [["conv1", "4x8x8"], ["bn1", "4x8x8"], ["relu1", "4x8x8"], ["conv2", "6x8x8"],
-                      ["relu2", "6x8x8", "(default)"]]
+    # Each candidate with its layout and grid (a backend without layer records reads them as NCHW).
+    assert listed == [["conv1", "4x8x8", "nchw", "8x8"], ["bn1", "4x8x8", "nchw", "8x8"],
+                      ["relu1", "4x8x8", "nchw", "8x8"], ["conv2", "6x8x8", "nchw", "8x8"],
+                      ["relu2", "6x8x8", "nchw", "8x8", "(default)"]]
 
 
 def test_the_ray_engine_ships_it_to_its_actors(numpy_backend_class, photos, tmp_path):
