@@ -33,8 +33,9 @@ def ablationcam(be, x, target=None, layer=None, batch_size=None, upsample=True, 
         target: None (default) for each image's top class on the clean input; an int or one int
             per image; ``"argmax_per_sample"`` (every ablated pass picks its own top class); or
             ``ms.region(...)``.
-        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
-            backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None
+            (default) for the backend's choice (``multisal layers`` marks it): the last feature maps
+            that feed the output, or in a vision transformer the input of its last block's first norm.
         batch_size: ablated passes per backend call (default None: as many as the backend's
             memory budget holds for this input shape).
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.

@@ -31,8 +31,9 @@ def eigencam(be, x, target=None, layer=None, upsample=True, normalize=True, cent
         x: inputs (N,C,H,W) float32 in model space.
         target: not used (default None): Eigen-CAM is class-agnostic; it is accepted so that
             every method is called alike.
-        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
-            backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None
+            (default) for the backend's choice (``multisal layers`` marks it): the last feature maps
+            that feed the output, or in a vision transformer the input of its last block's first norm.
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
         normalize: scale each map to [0, 1] by its minimum and maximum (default True).
         center: subtract each feature map's spatial mean before the factorisation (default

@@ -26,8 +26,9 @@ def layercam(be, x, target=None, layer=None, upsample=True, normalize=True, obje
         x: inputs (N,C,H,W) float32 in model space.
         target: None (default) for each image's top class in this same pass, an int or one int per
             image, ``"argmax_per_sample"``, or ``ms.region(...)``.
-        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
-            backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None
+            (default) for the backend's choice (``multisal layers`` marks it): the last feature maps
+            that feed the output, or in a vision transformer the input of its last block's first norm.
         upsample: resize L to the input's H,W (default True); False keeps the layer's h,w.
         normalize: scale each map to [0, 1] by its minimum and maximum (default True).
         objective: the scalar S differentiated (``"logit"`` by default; see multisal.objectives).

@@ -42,8 +42,9 @@ def smooth_gradcam_pp(be, x, target=None, layer=None, n=4, noise_level=DEFAULT_N
         target: None (default) for each image's top class on the clean input, kept for every
             noisy copy; an int or one int per image; ``"argmax_per_sample"`` (every copy picks its
             own); or ``ms.region(...)``.
-        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None (default) for the
-            backend's choice, the last 4-D activation with spatial size > 1 that feeds the output.
+        layer: the name of a layer whose activation is feature maps (NCHW, NHWC or tokens); None
+            (default) for the backend's choice (``multisal layers`` marks it): the last feature maps
+            that feed the output, or in a vision transformer the input of its last block's first norm.
         n: noisy copies per image (default 4); 0 uses the clean input's gradients alone, which is
             plain Grad-CAM++ (``ms.gradcam_pp``).
         noise_level: sigma relative to the preset's value range (default 0.15; with no preset,
