@@ -115,8 +115,12 @@ class Backend:
     def candidate_layers(self, sample_shape) -> list:
         """[(layer name, activation shape without the batch)] of the activations that are feature
         maps (NCHW, NHWC or tokens, multisal.layouts) with spatial size > 1 and feed the output,
-        in execution order: the layers Grad-CAM can use."""
-        raise NotImplementedError
+        in execution order: the layers Grad-CAM can use. A backend that describes its layers
+        (layer_records) gets them from its records' recognised layouts; one that does not lists them."""
+        if type(self).layer_records is Backend.layer_records:
+            raise NotImplementedError
+        records, layouts = self._layouts(tuple(sample_shape))
+        return [(r.name, r.shape) for r in records if r.name in layouts]
 
     def layer_records(self, sample_shape) -> list:
         """[multisal.layouts.LayerRecord] of the layers in execution order, for layout recognition.

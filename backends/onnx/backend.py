@@ -280,12 +280,6 @@ class OnnxBackend(Backend):
                     records.append(LayerRecord(o, tuple(shape[1:]), kind, source, "nhwc" if o in nhwc else None))
         return records
 
-    def candidate_layers(self, sample_shape):
-        """[(tensor name, shape without batch)] of float node outputs that are feature maps (NCHW,
-        NHWC or tokens) with spatial size > 1, in graph order: the layers Grad-CAM can use."""
-        records, layouts = self._layouts(tuple(sample_shape))
-        return [(r.name, r.shape) for r in records if r.name in layouts]
-
     def quantised_layers(self):
         """{tensor: (scale, zero point)}: the integer tensors of a quantised model that stand for real
         values; as layers they are shown as those values (rules/quantization.py)."""

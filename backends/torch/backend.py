@@ -236,12 +236,6 @@ class TorchBackend(Backend):
             records.append(LayerRecord(name, tuple(t.shape[1:]), kind, source))
         return records
 
-    def candidate_layers(self, sample_shape):
-        """[(module path, shape without batch)] of the module outputs that are feature maps (NCHW,
-        NHWC or tokens) with spatial size > 1, in execution order: the layers Grad-CAM can use."""
-        records, layouts = self._layouts(tuple(sample_shape))
-        return [(r.name, r.shape) for r in records if r.name in layouts]
-
     # ---- memory budget ------------------------------------------------------------------------
     def sample_bytes(self, sample_shape):
         key = tuple(sample_shape)
